@@ -1,0 +1,108 @@
+"""The ``dosebench`` command: a thin shell over the stage functions and the embedded runner."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .core.data import sample_ct
+from .core.doses import parse_doses
+from .core.errors import DosebenchError
+from .core.protocol import load_protocol
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="How far can CT dose be lowered before a segmentation model changes its answer?")
+err_console = Console(stderr=True)
+
+
+class RichProgress:
+    """Shows each reported step as a progress bar (rich)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, int] = {}
+
+    def start(self, key: str, description: str, total: int) -> None:
+        self._tasks[key] = self._progress.add_task(description, total=total)
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        self._progress.advance(self._tasks[key], amount)
+
+    def finish(self, key: str) -> None:
+        task = self._tasks[key]
+        self._progress.update(task, completed=self._progress.tasks[task].total)
+
+
+def _fail(exc: DosebenchError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _run(input_path: Path, doses: str, protocol: str, segmenter: str, seed: int, out: Path,
+         reference_seg: Path | None, series: str | None, overwrite: bool, quiet: bool) -> None:
+    from .pipeline import RunRequest, run_study  # heavy imports only when running
+
+    try:
+        request = RunRequest(input_path=input_path, doses=parse_doses(doses), protocol=load_protocol(protocol),
+                             segmenter=segmenter, seed=seed, out_dir=out, reference_seg=reference_seg,
+                             series_uid=series, overwrite=overwrite)
+        if seed < 0:
+            raise typer.BadParameter("seed must be >= 0")
+        started = time.perf_counter()
+        if quiet:
+            result = run_study(request)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=err_console, transient=False) as bar:
+                result = run_study(request, RichProgress(bar))
+    except DosebenchError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        sys.stdout.write(result.report_markdown)
+        err_console.print(f"results in {result.out_dir} ({time.perf_counter() - started:.1f} s)")
+
+
+InputOpt = Annotated[Path, typer.Option("--input", "-i", help="CT volume: NIfTI file, DICOM folder or zip")]
+DosesOpt = Annotated[str, typer.Option(help="dose fractions, comma-separated; 1.0 (the reference) is always added")]
+ProtocolOpt = Annotated[str, typer.Option(help="built-in protocol (demo, paper, tiny) or a YAML/JSON file")]
+SegmenterOpt = Annotated[str, typer.Option(help="segmenter backend spec")]
+SeedOpt = Annotated[int, typer.Option(help="random seed: same seed, same bytes")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output folder (created; must not exist unless --overwrite)")]
+RefOpt = Annotated[Path | None, typer.Option(help="reference segmentation (NIfTI) for extra metrics")]
+SeriesOpt = Annotated[str | None, typer.Option(help="SeriesInstanceUID, when a DICOM folder holds several")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output folder (only once the run succeeded)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display and no report on stdout")]
+
+
+@app.command()
+def run(input: InputOpt, out: OutOpt, doses: DosesOpt = "0.2,0.4,0.6,0.8,1.0", protocol: ProtocolOpt = "demo",
+        segmenter: SegmenterOpt = "threshold", seed: SeedOpt = 7, reference_seg: RefOpt = None,
+        series: SeriesOpt = None, overwrite: OverwriteOpt = False, quiet: QuietOpt = False) -> None:
+    """Simulate, reconstruct, segment and compare every dose level of one CT."""
+    _run(input, doses, protocol, segmenter, seed, out, reference_seg, series, overwrite, quiet)
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("demo-output"),
+         overwrite: OverwriteOpt = False, quiet: QuietOpt = False) -> None:
+    """`run` on the bundled real abdominal CT: doses 0.2-1.0, protocol demo, segmenter threshold."""
+    _run(sample_ct(), "0.2,0.4,0.6,0.8,1.0", "demo", "threshold", 7, out, None, None, overwrite, quiet)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted: no partial output was kept")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The one model of a helical CT scan, shared by the simulator and the reconstructor.
+
+Scanner frame (mm): the rotation axis is z; the isocentre is the origin. For image-domain inputs the
+scanner frame is the input volume's canonical (RAS-oriented) voxel grid, centred on the volume's centre
+(see :mod:`dosebench.core.volume`).
+
+Source position of view ``k`` (``k`` may be fractional)::
+
+    beta_k = start_angle_rad + rotation_direction * 2 pi k / views_per_turn
+    S_k    = (R cos beta_k, R sin beta_k, start_z_mm + table_feed_per_turn_mm * k / views_per_turn)
+
+with R = ``source_to_isocenter_mm``. A ray leaves the source at fan angle ``gamma`` measured from the
+central ray (which points from the source to the isocentre) towards the lateral direction
+``e_l = (-sin beta, cos beta)``; detector columns run along ``e_l`` whatever the rotation direction.
+Its in-plane direction is ``-(cos phi, sin phi)`` with the *parallel angle* ``phi = beta - gamma``; the
+ray's signed distance from the axis is ``t = R sin gamma = -x sin phi + y cos phi``.
+
+Detector: curved (a cylinder about the source, radius D = ``source_to_detector_mm``, columns
+equiangular) or flat (plane at distance D, columns equispaced). Rows are equispaced in z at the
+detector. A ray to row offset ``v`` (mm at the detector) climbs ``v / D_gamma`` mm per mm travelled in
+plane, where ``D_gamma = D`` (curved) or ``D / cos gamma`` (flat).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ScannerModel(BaseModel):
+    """The fixed part of a helical acquisition: what a protocol file describes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_to_isocenter_mm: float = Field(gt=0)
+    source_to_detector_mm: float = Field(gt=0)
+    detector_shape: Literal["curved", "flat"] = "curved"
+    detector_rows: int = Field(ge=1)
+    detector_columns: int = Field(ge=8)
+    #: row pitch at the isocentre (the nominal slice collimation of one row)
+    row_height_at_isocenter_mm: float = Field(gt=0)
+    #: column pitch at the isocentre (for a curved detector: R * angular pitch)
+    column_width_at_isocenter_mm: float = Field(gt=0)
+    #: detector column (0-based, fractional) hit by the central ray; None = the middle
+    central_column: float | None = None
+    views_per_turn: int = Field(ge=32)
+    #: table feed per turn divided by the total collimation at the isocentre
+    pitch: float = Field(gt=0, le=2.0)
+    start_angle_rad: float = 0.0
+    rotation_direction: Literal[1, -1] = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> ScannerModel:
+        if self.source_to_detector_mm <= self.source_to_isocenter_mm:
+            raise ValueError("source_to_detector_mm must exceed source_to_isocenter_mm")
+        if self.views_per_turn % 2:
+            raise ValueError("views_per_turn must be even (parallel rebinning pairs views pi apart)")
+        return self
+
+    # -- derived quantities -------------------------------------------------------------------------
+    @property
+    def magnification(self) -> float:
+        return self.source_to_detector_mm / self.source_to_isocenter_mm
+
+    @property
+    def row_height_at_detector_mm(self) -> float:
+        return self.row_height_at_isocenter_mm * self.magnification
+
+    @property
+    def collimation_at_isocenter_mm(self) -> float:
+        return self.detector_rows * self.row_height_at_isocenter_mm
+
+    @property
+    def table_feed_per_turn_mm(self) -> float:
+        return self.pitch * self.collimation_at_isocenter_mm
+
+    @property
+    def central_column_index(self) -> float:
+        if self.central_column is None:
+            return (self.detector_columns - 1) / 2.0
+        return self.central_column
+
+    @property
+    def central_row_index(self) -> float:
+        return (self.detector_rows - 1) / 2.0
+
+    @property
+    def column_pitch_at_detector(self) -> float:
+        """Angular pitch (rad) for a curved detector, mm for a flat one."""
+        if self.detector_shape == "curved":
+            return self.column_width_at_isocenter_mm / self.source_to_isocenter_mm
+        return self.column_width_at_isocenter_mm * self.magnification
+
+    def fan_angles_rad(self) -> np.ndarray:
+        """Fan angle gamma of each detector column's centre."""
+        offsets = np.arange(self.detector_columns) - self.central_column_index
+        if self.detector_shape == "curved":
+            return offsets * self.column_pitch_at_detector
+        return np.arctan(offsets * self.column_pitch_at_detector / self.source_to_detector_mm)
+
+    def row_offsets_mm(self) -> np.ndarray:
+        """Offset v of each row's centre from the central row, mm at the detector (z upwards)."""
+        return (np.arange(self.detector_rows) - self.central_row_index) * self.row_height_at_detector_mm
+
+    @property
+    def scan_field_radius_mm(self) -> float:
+        """Radius of the circle that every view's fan covers (the scan field of view)."""
+        gammas = self.fan_angles_rad()
+        gamma_max = min(abs(gammas[0]), abs(gammas[-1]))
+        return self.source_to_isocenter_mm * math.sin(gamma_max)
+
+    def z_reach_mm(self, radius_mm: float) -> float:
+        """Largest |z - z_source| of a point within ``radius_mm`` of the axis that the cone sees."""
+        half_height = (self.detector_rows / 2.0) * self.row_height_at_detector_mm
+        return half_height * (self.source_to_isocenter_mm + radius_mm) / self.source_to_detector_mm
+
+
+class HelicalGeometry(ScannerModel):
+    """A concrete helical scan: the scanner plus where the helix starts and how many views it has."""
+
+    number_of_views: int = Field(ge=2)
+    start_z_mm: float
+
+    def view_angles_rad(self) -> np.ndarray:
+        k = np.arange(self.number_of_views, dtype=np.float64)
+        return self.start_angle_rad + self.rotation_direction * 2.0 * np.pi * k / self.views_per_turn
+
+    def source_z_mm(self) -> np.ndarray:
+        k = np.arange(self.number_of_views, dtype=np.float64)
+        return self.start_z_mm + self.table_feed_per_turn_mm * k / self.views_per_turn
+
+    @property
+    def end_z_mm(self) -> float:
+        return self.start_z_mm + self.table_feed_per_turn_mm * (self.number_of_views - 1) / self.views_per_turn
+
+    @classmethod
+    def covering(cls, scanner: ScannerModel, z_min_mm: float, z_max_mm: float,
+                 radius_mm: float | None = None) -> HelicalGeometry:
+        """The shortest helix of ``scanner`` whose data fully cover slices ``z_min_mm..z_max_mm``.
+
+        A slice at z needs every source position within the cone's reach of it (for points up to
+        ``radius_mm`` from the axis, default the scan field), plus half a turn either side so that
+        each parallel direction has its rays from both sides.
+        """
+        if z_max_mm < z_min_mm:
+            raise ValueError("z_max_mm must not be below z_min_mm")
+        radius = scanner.scan_field_radius_mm if radius_mm is None else radius_mm
+        margin = scanner.z_reach_mm(radius) + 0.5 * scanner.table_feed_per_turn_mm
+        start = z_min_mm - margin
+        length = (z_max_mm + margin) - start
+        n_views = int(math.ceil(length / scanner.table_feed_per_turn_mm * scanner.views_per_turn)) + 1
+        return cls(**scanner.model_dump(), number_of_views=n_views, start_z_mm=start)
