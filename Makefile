@@ -30,6 +30,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/dosebench demo --out demo-output --overwrite
 
 test: $(VENV)/.installed-dev
+	$(PY) -m ruff check services tests benchmarks
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-dev

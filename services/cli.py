@@ -9,11 +9,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .core.data import sample_ct
 from .core.doses import parse_doses
-from .core.errors import DosebenchError
+from .core.errors import DosebenchError, InputError
 from .core.protocol import load_protocol
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +41,8 @@ class RichProgress:
 
 
 def _fail(exc: DosebenchError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # the message quotes what the user typed: escape it so it is never read as rich markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -49,11 +51,11 @@ def _run(input_path: Path, doses: str, protocol: str, segmenter: str, seed: int,
     from .pipeline import RunRequest, run_study  # heavy imports only when running
 
     try:
+        if seed < 0:
+            raise InputError(f"seed {seed} is negative", fix="give a seed >= 0, e.g. --seed 7")
         request = RunRequest(input_path=input_path, doses=parse_doses(doses), protocol=load_protocol(protocol),
                              segmenter=segmenter, seed=seed, out_dir=out, reference_seg=reference_seg,
                              series_uid=series, overwrite=overwrite)
-        if seed < 0:
-            raise typer.BadParameter("seed must be >= 0")
         started = time.perf_counter()
         if quiet:
             result = run_study(request)

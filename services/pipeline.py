@@ -134,8 +134,8 @@ def reference_label_table(seg_path: Path) -> dict[int, LabelInfo]:
     except ImportError:
         raise InputError(
             f"cannot name the labels of reference segmentation {seg_path.name}",
-            fix=f"put a labels.json ({{\"id\": {{\"name\": ..., \"group\": ...}}}}) beside it, "
-                f"or install dosebench[totalseg] for TotalSegmentator's label names",
+            fix="put a labels.json ({\"id\": {\"name\": ..., \"group\": ...}}) beside it, "
+                "or install dosebench[totalseg] for TotalSegmentator's label names",
         ) from None
     return {int(i): LabelInfo(int(i), name, "reference") for i, name in class_map["total"].items()}
 

@@ -11,9 +11,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dosebench.core import dicom
-from dosebench.core.dicom import SeriesInfo, list_series, read_dicom_series
-from dosebench.core.errors import InputError
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -25,6 +22,10 @@ from pydicom.uid import (
     generate_uid,
 )
 from pydicom.valuerep import format_number_as_ds
+
+from dosebench.core import dicom
+from dosebench.core.dicom import SeriesInfo, list_series, read_dicom_series
+from dosebench.core.errors import InputError
 
 SAMPLE_CT = Path(dicom.__file__).parent / "data" / "sample_ct" / "ct.nii.gz"
 INTERCEPT = -1024

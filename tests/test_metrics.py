@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+
 from dosebench.segmenter.labels import LabelInfo
 from dosebench.segmenter.metrics import (
     aggregate,

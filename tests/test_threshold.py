@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from dosebench.core.errors import InputError
 from dosebench.segmenter.labels import LabelInfo, Segmentation, table_from_json, table_to_json
 from dosebench.segmenter.metrics import dice

@@ -132,6 +132,30 @@ class HelicalGeometry(ScannerModel):
         k = np.arange(self.number_of_views, dtype=np.float64)
         return self.start_z_mm + self.table_feed_per_turn_mm * k / self.views_per_turn
 
+    def source_positions_mm(self, views: range | None = None) -> np.ndarray:
+        """Source positions (n, 3) of ``views`` (default all)."""
+        views = range(self.number_of_views) if views is None else views
+        beta = self.view_angles_rad()[views.start:views.stop]
+        z = self.source_z_mm()[views.start:views.stop]
+        radius = self.source_to_isocenter_mm
+        return np.stack([radius * np.cos(beta), radius * np.sin(beta), z], axis=-1)
+
+    def ray_directions(self, views: range | None = None) -> np.ndarray:
+        """Unit direction (n, rows, columns, 3) of every detector element's ray: the reference
+        (numpy) statement of the conventions in this module's docstring."""
+        views = range(self.number_of_views) if views is None else views
+        beta = self.view_angles_rad()[views.start:views.stop][:, None, None]
+        gamma = self.fan_angles_rad()[None, None, :]
+        v = self.row_offsets_mm()[None, :, None]
+        d_gamma = self.source_to_detector_mm / (np.cos(gamma) if self.detector_shape == "flat" else 1.0)
+        ux = -np.cos(gamma) * np.cos(beta) - np.sin(gamma) * np.sin(beta)
+        uy = -np.cos(gamma) * np.sin(beta) + np.sin(gamma) * np.cos(beta)
+        uz = v / d_gamma
+        shape = (beta.shape[0], v.shape[1], gamma.shape[2])
+        direction = np.stack([np.broadcast_to(ux, shape), np.broadcast_to(uy, shape),
+                              np.broadcast_to(uz, shape)], axis=-1)
+        return direction / np.linalg.norm(direction, axis=-1, keepdims=True)
+
     @property
     def end_z_mm(self) -> float:
         return self.start_z_mm + self.table_feed_per_turn_mm * (self.number_of_views - 1) / self.views_per_turn

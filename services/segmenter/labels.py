@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from dosebench.core.errors import InputError
 
 __all__ = ["LabelInfo", "Segmentation", "table_from_json", "table_to_json"]

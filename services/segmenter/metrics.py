@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from dosebench.segmenter.labels import LabelInfo
 
 __all__ = [

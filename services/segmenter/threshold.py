@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
+
 from dosebench.core.errors import InputError
 from dosebench.segmenter.labels import LabelInfo, Segmentation
-from scipy import ndimage
 
 __all__ = [
     "BODY",

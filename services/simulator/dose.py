@@ -20,10 +20,17 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Counts below this many photons are raised to it before the logarithm. Half a photon is halfway
-#: between no photon and the smallest non-zero Poisson count: line integrals stay finite and large
-#: (a starved ray stays "very attenuating"), never NaN, inf, or a falsely transparent p = 0.
+#: Counts below half the smallest non-zero count are raised to it before the logarithm: halfway
+#: between no photon and one. Line integrals stay finite and large (a starved ray stays "very
+#: attenuating"), never NaN, inf, or a falsely transparent p = 0.
 COUNT_FLOOR_PHOTONS = 0.5
+
+
+def count_floor(dose_fraction: float) -> float:
+    """The guard for counts at ``dose_fraction``: thinned counts come in steps of (1 - f) photons
+    (see :func:`reduce_dose`), so half a step; at full dose half a photon."""
+    f = _check_fraction(dose_fraction)
+    return COUNT_FLOOR_PHOTONS * ((1.0 - f) if f < 1.0 else 1.0)
 
 
 def _check_fraction(dose_fraction: float) -> float:
@@ -72,13 +79,16 @@ def reduce_dose(counts: np.ndarray, dose_fraction: float, rng: np.random.Generat
 
 
 def counts_to_line_integrals(counts: np.ndarray, air_counts: np.ndarray | float,
-                             out: np.ndarray | None = None) -> np.ndarray:
-    """``p = -ln(n / N0)`` with the :data:`COUNT_FLOOR_PHOTONS` guard (float32 result).
+                             out: np.ndarray | None = None, *,
+                             floor: float = COUNT_FLOOR_PHOTONS) -> np.ndarray:
+    """``p = -ln(max(n, floor) / N0)`` (float32 result) for finite counts.
 
     ``air_counts`` is the expected unattenuated count at the same dose (the flat field / air scan),
-    broadcastable to ``counts``.
+    positive and broadcastable to ``counts``; ``floor`` is :func:`count_floor` of the counts' dose.
     """
-    guarded = np.maximum(counts, COUNT_FLOOR_PHOTONS)
+    if floor <= 0:
+        raise ValueError("floor must be positive")
+    guarded = np.maximum(counts, floor)
     result = np.log(np.asarray(air_counts, dtype=np.float64) / guarded)
     if out is None:
         return result.astype(np.float32)

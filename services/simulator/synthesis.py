@@ -13,7 +13,7 @@ from ..core.protocol import PhotonModel
 from ..core.seeds import Purpose, rng_for
 from ..core.units import hu_to_mu
 from ..core.volume import Volume
-from .dose import counts_to_line_integrals, reduce_dose
+from .dose import count_floor, counts_to_line_integrals, reduce_dose
 from .photons import air_counts
 from .projector import forward_project
 
@@ -75,13 +75,14 @@ def simulate_dose(full_dose_counts: np.ndarray, geometry: HelicalGeometry, photo
                   progress: Progress | None = None) -> np.ndarray:
     """Line integrals (float32) of the acquisition at ``dose_fraction``, thinned chunk by chunk."""
     air = air_counts(photons, geometry)
+    floor = count_floor(dose_fraction)
     line_integrals = np.empty(full_dose_counts.shape, dtype=np.float32)
     for index, views in enumerate(chunks(geometry, views_per_chunk)):
         rng = rng_for(seed, Purpose.DOSE_REDUCTION, dose_fraction, index)
         low = reduce_dose(full_dose_counts[views.start:views.stop], dose_fraction, rng,
                           electronic_noise_sigma=photons.electronic_noise_sigma)
         counts_to_line_integrals(low, dose_fraction * air[views.start:views.stop],
-                                 out=line_integrals[views.start:views.stop])
+                                 out=line_integrals[views.start:views.stop], floor=floor)
         if progress:
             progress(len(views))
     return line_integrals

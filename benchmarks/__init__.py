@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory figures, printed; not tests (`make bench`)."""
