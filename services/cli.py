@@ -98,6 +98,33 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="output folder")]
     _run(sample_ct(), "0.2,0.4,0.6,0.8,1.0", "demo", "threshold", 7, out, None, None, overwrite, quiet)
 
 
+# click options take one value each, so `--runs a b c` reads as `--runs a` plus the arguments b and c:
+# the command takes run folders from any number of --runs options and from its arguments alike.
+RunsOpt = Annotated[list[Path] | None, typer.Option(
+    "--runs", show_default=False,
+    help="run folders (outputs of `dosebench run`): `--runs a b c`, `--runs a --runs b`, or plain arguments")]
+MoreRunsArg = Annotated[list[Path] | None, typer.Argument(
+    metavar="RUN_DIR", show_default=False, help="more run folders (what follows --runs a)")]
+
+
+@app.command()
+def table(out: Annotated[Path, typer.Option("--out", "-o", help="Markdown table; its CSV goes beside it (.csv)")],
+          runs: RunsOpt = None, more_runs: MoreRunsArg = None,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table on stdout")] = False) -> None:
+    """Table 1 over several runs (one study each): median ± MAD over studies of each study's mean Dice."""
+    from .segmenter.table import table_from_runs, write_table
+
+    try:
+        summary, doses, rows = table_from_runs([*(runs or []), *(more_runs or [])])
+        markdown_path, csv_path = write_table(summary, doses, out, n_studies=len({row["study"] for row in rows}))
+    except DosebenchError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        sys.stdout.write(markdown_path.read_text(encoding="utf-8"))
+        err_console.print(f"table in {markdown_path} and {csv_path}")
+
+
 def main() -> None:
     try:
         app()

@@ -47,7 +47,7 @@ from .segmenter.metrics import aggregate, format_table1, format_table1_csv, per_
 from .simulator.synthesis import BODY_HU, plan_scan, simulate_dose, synthesise_counts
 
 PER_LABEL_COLUMNS = ["study", "dose", "reference", "group", "label", "label_id", "dice",
-                     "reference_voxels", "test_voxels", "volume_change_ml"]
+                     "reference_voxels", "test_voxels", "volume_change_ml", "surface_dice", "hd95_mm"]
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,8 @@ def run_study(request: RunRequest, progress: ProgressSink | None = None) -> RunR
         (staging / "seg" / "labels.json").write_text(json.dumps(table_to_json(full.table), indent=2))
         rows = []
         for dose in sorted(doses):
-            for row in per_label_metrics(segmentations[dose].labels, full.labels, full.table, voxel_ml):
+            for row in per_label_metrics(segmentations[dose].labels, full.labels, full.table, voxel_ml,
+                                         spacing_mm=volume.spacing_mm):
                 rows.append({"study": study, "dose": dose, "reference": "full_dose", **row})
         reference_rows = []
         shared_names: list[str] = []
@@ -234,7 +235,8 @@ def run_study(request: RunRequest, progress: ProgressSink | None = None) -> RunR
                     theirs = by_name[name]
                     table = {1: LabelInfo(1, name, ours.group)}
                     metrics = per_label_metrics((test_map == ours.id).astype(np.uint8),
-                                                (reference_map == theirs.id).astype(np.uint8), table, voxel_ml)
+                                                (reference_map == theirs.id).astype(np.uint8), table, voxel_ml,
+                                                spacing_mm=volume.spacing_mm)
                     for row in metrics:
                         row["label_id"] = ours.id
                         reference_rows.append({"study": study, "dose": dose, "reference": "reference_seg", **row})
