@@ -33,8 +33,14 @@ test: $(VENV)/.installed-dev
 	$(PY) -m ruff check services tests benchmarks
 	$(PY) -m pytest
 
+# Figures, not tests. diffct is the peer the projector and backprojector are compared with; it is
+# installed here only, never a dependency of dosebench.
 bench: $(VENV)/.installed-dev
+	$(PIP) install --quiet diffct==2.5.0
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.projector --views 16
+	$(PY) -m benchmarks.backprojector
+	$(PY) -m benchmarks.api_latency
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check services tests benchmarks

@@ -98,6 +98,73 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="output folder")]
     _run(sample_ct(), "0.2,0.4,0.6,0.8,1.0", "demo", "threshold", 7, out, None, None, overwrite, quiet)
 
 
+RawInputOpt = Annotated[Path, typer.Option(
+    "--input", "-i", help="CT volume (NIfTI file, DICOM folder or zip) or a DICOM-CT-PD raw projection folder")]
+
+
+@app.command()
+def simulate(input: RawInputOpt, out: OutOpt, doses: DosesOpt = "0.2,0.4,0.6,0.8,1.0", protocol: ProtocolOpt = "demo",
+             seed: SeedOpt = 7, series: SeriesOpt = None, overwrite: OverwriteOpt = False,
+             quiet: QuietOpt = False) -> None:
+    """Projections only: full-dose counts (OUT/counts) and each dose's line integrals (OUT/dose-0.20/...)."""
+    from .simulation import SimulateRequest, simulate_projections  # heavy imports only when running
+
+    try:
+        if seed < 0:
+            raise InputError(f"seed {seed} is negative", fix="give a seed >= 0, e.g. --seed 7")
+        request = SimulateRequest(input_path=input, doses=parse_doses(doses), protocol=load_protocol(protocol),
+                                  seed=seed, out_dir=out, series_uid=series, overwrite=overwrite)
+        started = time.perf_counter()
+        if quiet:
+            folder = simulate_projections(request)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=err_console, transient=False) as bar:
+                folder = simulate_projections(request, RichProgress(bar))
+    except DosebenchError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        err_console.print(f"projections in {folder} ({time.perf_counter() - started:.1f} s)")
+
+
+@app.command("reconstruct")
+def reconstruct_command(
+    projections: Annotated[Path, typer.Option(help="line-integral projection store folder (a dose's line_integrals)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: recon.nii.gz (HU) and recon.json")],
+    fov_mm: Annotated[float | None, typer.Option(help="in-plane field of view, mm (default: the scan field)")] = None,
+    matrix: Annotated[int | None, typer.Option(help="in-plane matrix (default 512)")] = None,
+    thickness_mm: Annotated[float | None, typer.Option(help="slice thickness (FWHM of the profile), mm")] = None,
+    increment_mm: Annotated[float | None, typer.Option(help="slice increment, mm")] = None,
+    kernel: Annotated[str, typer.Option(help="ram-lak, shepp-logan, cosine or hann")] = "shepp-logan",
+    backend: Annotated[str, typer.Option(help="auto (torch on CUDA, else numba), numba or torch")] = "auto",
+    max_memory_mb: Annotated[int, typer.Option(help="bound on the backprojector's per-slab working set")] = 1024,
+    overwrite: OverwriteOpt = False, quiet: QuietOpt = False) -> None:
+    """Reconstruct a line-integral projection store (helical WFBP) to a HU NIfTI in the scanner frame (as RAS)."""
+    from pydantic import ValidationError
+
+    from .core.protocol import ReconstructionSettings
+    from .reconstructor.store_io import reconstruct_store
+
+    try:
+        try:
+            settings = ReconstructionSettings(kernel=kernel, fov_mm=fov_mm, matrix=matrix,
+                                              slice_thickness_mm=thickness_mm, slice_increment_mm=increment_mm)
+        except ValidationError as exc:
+            raise InputError(f"invalid reconstruction settings: {str(exc).splitlines()[:3]}",
+                             fix="see `dosebench reconstruct --help`") from exc
+        if backend not in ("auto", "numba", "torch"):
+            raise InputError(f"unknown backend {backend!r}", fix="use auto, numba or torch")
+        started = time.perf_counter()
+        target = reconstruct_store(str(projections), out, settings, backend=backend,  # type: ignore[arg-type]
+                                   max_slab_bytes=max_memory_mb << 20, overwrite=overwrite)
+    except DosebenchError as exc:
+        _fail(exc)
+        return
+    if not quiet:
+        err_console.print(f"reconstruction in {target} ({time.perf_counter() - started:.1f} s)")
+
+
 # click options take one value each, so `--runs a b c` reads as `--runs a` plus the arguments b and c:
 # the command takes run folders from any number of --runs options and from its arguments alike.
 RunsOpt = Annotated[list[Path] | None, typer.Option(
@@ -123,6 +190,23 @@ def table(out: Annotated[Path, typer.Option("--out", "-o", help="Markdown table;
     if not quiet:
         sys.stdout.write(markdown_path.read_text(encoding="utf-8"))
         err_console.print(f"table in {markdown_path} and {csv_path}")
+
+
+from .segmenter.weights import weights_app  # noqa: E402  (the `dosebench weights ...` commands)
+
+app.add_typer(weights_app, name="weights")
+
+from .core.service_cli import beat_command, db_app, worker_command  # noqa: E402  (service commands)
+
+app.add_typer(db_app, name="db")
+app.command("worker")(worker_command)
+app.command("beat")(beat_command)
+
+from .api.commands import serve_command, submit_command, token_app  # noqa: E402  (the REST gateway)
+
+app.command("serve")(serve_command)
+app.command("submit")(submit_command)
+app.add_typer(token_app, name="token")
 
 
 def main() -> None:

@@ -75,3 +75,85 @@ def run_cli(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subproces
                               env=_cli_env(), check=False)
 
     return run
+
+
+# -- the service system: a throwaway PostgreSQL database and a dedicated Redis database ---------------
+
+#: Where the test servers are (CI starts both): the PostgreSQL maintenance database and Redis.
+POSTGRES_ADMIN_URL = os.environ.get("DOSEBENCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("DOSEBENCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _unavailable(reason: str) -> None:
+    """Skip with a visible reason; in CI (CI=true) a missing server is a failure, never a skip."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the service tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh PostgreSQL database ``dosebench_test_<random>`` for this test session, dropped after."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"dosebench_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection problem means "not available"
+        admin.dispose()
+        _unavailable(f"PostgreSQL at {make_url(POSTGRES_ADMIN_URL).render_as_string()} is not reachable: "
+                     f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    from dosebench.core.db import session_factory
+
+    for factory_url in (url,):
+        try:
+            session_factory(factory_url).kw["bind"].dispose()
+        except Exception:  # noqa: BLE001
+            pass
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The dedicated Redis database of the tests (DOSEBENCH_TEST_REDIS_URL, default db 15). It is not
+    flushed as a whole: test sessions running at the same time share it, each under its own key prefix
+    (the ``broker_key_prefix`` fixture), and each deletes only its own keys."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        _unavailable(f"Redis at {REDIS_TEST_URL} is not reachable: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return REDIS_TEST_URL
+
+
+@pytest.fixture(scope="session")
+def broker_key_prefix(redis_url: str) -> str:
+    """A key prefix of this test session's own (DOSEBENCH_BROKER_KEY_PREFIX), its keys flushed before and after."""
+    import uuid
+
+    import redis
+
+    prefix = f"dosebench-test-{uuid.uuid4().hex[:12]}:"
+    client = redis.Redis.from_url(redis_url)
+
+    def flush() -> None:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+    flush()
+    yield prefix
+    flush()
+    client.close()

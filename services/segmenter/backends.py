@@ -1,4 +1,12 @@
-"""Segmenter backends, chosen by a spec string (``threshold``; more backends register here)."""
+"""Segmenter backends, chosen by a spec string.
+
+Specs: ``threshold`` (the baseline, no model), ``totalsegmentator`` (TotalSegmentator's five 1.5 mm part
+models) and ``totalsegmentator:fast`` (its 3 mm model); see :mod:`dosebench.segmenter.totalseg`.
+
+A backend's ``segment(hu, spacing_mm, affine=None)`` takes the HU array in canonical (RAS) orientation,
+its voxel spacing and, optionally, its voxel-to-world affine (``Volume.affine``), and returns a
+:class:`~dosebench.segmenter.labels.Segmentation` on the same grid.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +23,17 @@ from .threshold import threshold_segment
 @dataclass(frozen=True)
 class Segmenter:
     spec: str
-    segment: Callable[[np.ndarray, tuple[float, float, float]], Segmentation]
+    segment: Callable[..., Segmentation]  # (hu, spacing_mm, affine=None) -> Segmentation
     provenance: dict = field(default_factory=dict)
+
+
+def _threshold(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None = None,
+               ) -> Segmentation:
+    return threshold_segment(hu, spacing_mm)
+
+
+#: every spec make_segmenter knows
+KNOWN_SPECS = ("threshold", "totalsegmentator", "totalsegmentator:fast")
 
 
 def make_segmenter(spec: str) -> Segmenter:
@@ -25,7 +42,7 @@ def make_segmenter(spec: str) -> Segmenter:
     if name == "threshold":
         from . import threshold
 
-        return Segmenter(spec="threshold", segment=threshold_segment,
+        return Segmenter(spec="threshold", segment=_threshold,
                          provenance={"backend": "threshold", "module": threshold.__name__,
                                      "thresholds_hu": {
                                          "body_above": threshold.BODY_THRESHOLD_HU,
@@ -34,5 +51,8 @@ def make_segmenter(spec: str) -> Segmenter:
                                          "soft_tissue_from": threshold.SOFT_TISSUE_MIN_HU,
                                          "bone_from": threshold.BONE_MIN_HU},
                                      "min_component_ml": threshold.MIN_COMPONENT_ML})
-    raise InputError(f"unknown segmenter {spec!r}",
-                     fix="use 'threshold' (this version's only built-in backend)")
+    if name in ("totalsegmentator", "totalsegmentator:fast"):
+        from .totalseg import make_totalsegmentator
+
+        return make_totalsegmentator(name)
+    raise InputError(f"unknown segmenter {spec!r}", fix=f"use one of: {', '.join(KNOWN_SPECS)}")

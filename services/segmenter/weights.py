@@ -117,6 +117,15 @@ class DatasetStatus:
     folder: str
     present: bool
     missing: tuple[str, ...]  # relative paths of the missing files
+    folder_exists: bool = True
+
+    def describe(self) -> str:
+        """``ok``, ``folder missing`` or the missing files below the dataset folder."""
+        if self.present:
+            return "ok"
+        if not self.folder_exists:
+            return "folder missing"
+        return "missing " + ", ".join(m.split("/", 1)[1] for m in self.missing)
 
 
 def weights_status(path: Path | str | None = None, datasets: tuple[int, ...] | None = None) -> list[DatasetStatus]:
@@ -138,7 +147,8 @@ def weights_status(path: Path | str | None = None, datasets: tuple[int, ...] | N
     found = []
     for dataset_id in datasets or tuple(DATASETS):
         missing = tuple(rel for rel in required_files(dataset_id) if not (root / rel).is_file())
-        found.append(DatasetStatus(dataset_id, DATASETS[dataset_id].folder, not missing, missing))
+        folder = DATASETS[dataset_id].folder
+        found.append(DatasetStatus(dataset_id, folder, not missing, missing, (root / folder).is_dir()))
     return found
 
 
@@ -147,8 +157,7 @@ def check_weights(mode: str, path: Path | str | None = None) -> Path:
     root = resolve_weights_dir(path)
     incomplete = [s for s in weights_status(root, MODES[mode]) if not s.present]
     if incomplete:
-        described = "; ".join(
-            f"{s.folder} (missing: {', '.join(m.split('/', 1)[1] for m in s.missing)})" for s in incomplete)
+        described = "; ".join(f"{s.folder} ({s.describe()})" for s in incomplete)
         flag = " --fast" if mode == "fast" else ""
         raise InputError(
             f"TotalSegmentator weights incomplete in {root}: {described}",
@@ -204,8 +213,7 @@ PathOpt = Annotated[Path | None, typer.Option(
 def _print_status(root: Path, status: list[DatasetStatus]) -> None:
     typer.echo(f"weights folder: {root}")
     for s in status:
-        state = "ok" if s.present else "missing " + ", ".join(m.split("/", 1)[1] for m in s.missing)
-        typer.echo(f"  {s.dataset_id}  {s.folder}  {state}")
+        typer.echo(f"  {s.dataset_id}  {s.folder}  {s.describe()}")
     for mode, ids in MODES.items():
         ready = all(s.present for s in status if s.dataset_id in ids)
         spec = "totalsegmentator" if mode == "total" else "totalsegmentator:fast"

@@ -11,6 +11,7 @@ scanned slab).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numba
 import numpy as np
@@ -96,17 +97,57 @@ def _project_block(vol, dx, dy, dz, betas, source_z, gammas, d_gamma, row_v, rad
                 out[v, r, c] = total * dy * math.sqrt(1.0 + uz * uz) / abs(uy)
 
 
+Backend = Literal["auto", "numba", "torch"]
+_CUDA_AVAILABLE: bool | None = None
+
+
+def _cuda_available() -> bool:
+    """Whether torch is installed and sees a CUDA device (checked once per process)."""
+    global _CUDA_AVAILABLE
+    if _CUDA_AVAILABLE is None:
+        try:
+            import torch
+        except ImportError:
+            _CUDA_AVAILABLE = False
+        else:
+            _CUDA_AVAILABLE = bool(torch.cuda.is_available())
+    return _CUDA_AVAILABLE
+
+
+def resolve_backend(backend: Backend) -> Literal["numba", "torch"]:
+    """``auto``: the torch projector on CUDA when available, else numba on the CPU."""
+    if backend == "auto":
+        return "torch" if _cuda_available() else "numba"
+    if backend not in ("numba", "torch"):
+        raise ValueError(f"unknown projector backend {backend!r}: use auto, numba or torch")
+    return backend
+
+
 def forward_project(mu_per_mm: np.ndarray, spacing_mm: tuple[float, float, float], geometry: HelicalGeometry,
-                    views: range | None = None, out: np.ndarray | None = None) -> np.ndarray:
+                    views: range | None = None, out: np.ndarray | None = None,
+                    backend: Backend = "auto") -> np.ndarray:
     """Line integrals of ``mu_per_mm`` for ``views`` (default all) of ``geometry``.
 
-    Returns float32 of shape (len(views), detector_rows, detector_columns).
+    Returns float32 of shape (len(views), detector_rows, detector_columns). ``backend``: ``numba``
+    (this module, CPU), ``torch`` (:mod:`dosebench.simulator.projector_torch`: CUDA when available,
+    else CPU) or ``auto`` (torch on CUDA when available, else numba).
     """
     if mu_per_mm.ndim != 3:
         raise ValueError("mu_per_mm must be a 3D array")
     views = range(geometry.number_of_views) if views is None else views
     if views.step != 1 or views.start < 0 or views.stop > geometry.number_of_views:
         raise ValueError("views must be a contiguous range within the scan")
+    shape = (len(views), geometry.detector_rows, geometry.detector_columns)
+    if out is not None and out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if resolve_backend(backend) == "torch":
+        from .projector_torch import forward_project_torch
+
+        result = forward_project_torch(mu_per_mm, spacing_mm, geometry, views).cpu().numpy()
+        if out is None:
+            return result
+        out[...] = result
+        return out
     betas = geometry.view_angles_rad()[views.start:views.stop]
     source_z = geometry.source_z_mm()[views.start:views.stop]
     gammas = geometry.fan_angles_rad()
@@ -114,11 +155,8 @@ def forward_project(mu_per_mm: np.ndarray, spacing_mm: tuple[float, float, float
         d_gamma = np.full_like(gammas, geometry.source_to_detector_mm)
     else:
         d_gamma = geometry.source_to_detector_mm / np.cos(gammas)
-    shape = (len(views), geometry.detector_rows, geometry.detector_columns)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
     volume = np.ascontiguousarray(mu_per_mm, dtype=np.float32)
     dx, dy, dz = (float(s) for s in spacing_mm)
     _project_block(volume, dx, dy, dz, betas, source_z, gammas, d_gamma, geometry.row_offsets_mm(),

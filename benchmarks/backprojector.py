@@ -1,0 +1,203 @@
+"""`python -m benchmarks.backprojector`: throughput of the helical WFBP backprojector.
+
+1. GUPS (giga voxel updates per second: voxels x contributing views / s, with the views per voxel
+   estimated as in ``benchmarks/__main__.py``: twice the cone's z-reach at half the scan field, in views)
+   of the numba backprojector on the demo helical data (the bundled CT, demo protocol), on 2 threads,
+   best of ``--repeats`` after a warm-up; optionally (``--torch``) the torch backend on the CPU.
+2. Side by side, diffct 2.5.0's torch-backend ``Projector.backproject`` (CPU, float32) on the same
+   helical projections and voxel grid, if diffct is installed (it is not a dosebench dependency:
+   ``pip install diffct==2.5.0``). It is the matched adjoint of a flat-detector cone projector (no
+   rebinning, filtering or aperture weighting), so only the throughput is compared. It is slow on the
+   CPU: it runs ``--diffct-views`` views from the middle of the scan and the full-scan time is
+   extrapolated per view (printed as such).
+3. The paper protocol's time (512 x 512 over a 420 mm FOV, 1 mm slices every 0.5 mm over 30 cm):
+   measured on zero-valued data (the work does not depend on the values) for a 128 x 128 matrix and
+   two short slabs of native slices, fitted as ``a + b * slices`` per slab and extrapolated to the
+   full grid (x 16 columns, the full scan's slab plan). Rebinning + filtering are timed on 256 views and
+   scaled to the scan's views. Always an extrapolation.
+
+Figures are printed, never asserted. Timings depend on the machine's load: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from dosebench.core.data import sample_ct
+from dosebench.core.geometry import HelicalGeometry
+from dosebench.core.protocol import load_protocol
+from dosebench.core.units import hu_to_mu
+from dosebench.core.volume import load_volume
+from dosebench.reconstructor.grid import plan_grid
+from dosebench.reconstructor.wfbp import (
+    DEFAULT_MAX_SLAB_BYTES,
+    ParallelData,
+    backproject,
+    filter_rows,
+    rebin_to_parallel,
+    slab_plan,
+)
+from dosebench.simulator.projector import forward_project
+from dosebench.simulator.synthesis import plan_scan
+
+THREADS = 2
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def views_per_voxel(geometry: HelicalGeometry) -> float:
+    reach = geometry.z_reach_mm(geometry.scan_field_radius_mm / 2)
+    return 2 * reach / geometry.table_feed_per_turn_mm * geometry.views_per_turn
+
+
+def best_of(repeats: int, function, *args, **kwargs) -> float:
+    function(*args, **kwargs)  # warm-up (numba compiles on first use)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def demo_case():
+    volume = load_volume(sample_ct())
+    protocol = load_protocol("demo")
+    geometry = plan_scan(volume, protocol.scanner)
+    mu = hu_to_mu(volume.hu, protocol.photons.mu_water_per_mm)
+    line_integrals = forward_project(mu, volume.spacing_mm, geometry)
+    return volume, protocol, geometry, line_integrals
+
+
+def bench_diffct(volume, geometry: HelicalGeometry, line_integrals: np.ndarray, n_views: int) -> float | None:
+    """Seconds per view of diffct's torch CPU backprojection onto the same grid (None: not installed)."""
+    try:
+        import diffct
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(THREADS)
+    first = max(0, geometry.number_of_views // 2 - n_views // 2)
+    views = range(first, first + n_views)
+    src = torch.as_tensor(geometry.source_positions_mm(views), dtype=torch.float32)
+    beta = torch.as_tensor(geometry.view_angles_rad()[first:first + n_views], dtype=torch.float32)
+    distance = geometry.source_to_detector_mm
+    detector = src.clone()
+    detector[:, 0] -= distance * torch.cos(beta)
+    detector[:, 1] -= distance * torch.sin(beta)
+    u = torch.stack([-torch.sin(beta), torch.cos(beta), torch.zeros_like(beta)], 1)  # columns: lateral
+    v = torch.zeros_like(u)
+    v[:, 2] = 1.0  # rows: z
+    nx, ny, nz = volume.shape
+    sinogram = torch.as_tensor(np.ascontiguousarray(line_integrals[first:first + n_views].transpose(0, 2, 1)))
+    projector = diffct.Projector(
+        (src, detector, u, v), (nz, ny, nx), (geometry.detector_columns, geometry.detector_rows), beam="cone",
+        detector_spacing=(geometry.column_width_at_isocenter_mm * geometry.magnification,
+                          geometry.row_height_at_detector_mm),
+        voxel_spacing=tuple(float(s) for s in volume.spacing_mm[::-1]), backend="torch", precision="float32")
+    start = time.perf_counter()
+    projector.backproject(sinogram)
+    return (time.perf_counter() - start) / n_views
+
+
+def paper_estimate(repeats: int, slabs: tuple[int, int] = (4, 16), small_matrix: int = 128) -> None:
+    protocol = load_protocol("paper")
+    settings = protocol.reconstruction
+    scanner = protocol.scanner
+    scan_mm = 300.0
+    full = HelicalGeometry.covering(scanner, -scan_mm / 2, scan_mm / 2)
+    full_plan = plan_grid(full, settings, z_range_mm=(-scan_mm / 2, scan_mm / 2))
+    n_t, n_rows = scanner.detector_columns, scanner.detector_rows
+    full_slabs = slab_plan(full, n_t, scanner.column_width_at_isocenter_mm, full_plan.native_zs_mm,
+                           n_rows * n_t * 4, DEFAULT_MAX_SLAB_BYTES)
+    print(f"paper protocol: {scan_mm:.0f} mm scan = {full.number_of_views} views x {n_rows} x {n_t}; output "
+          f"{full_plan.shape} ({settings.slice_thickness_mm} mm every {settings.slice_increment_mm} mm), "
+          f"{full_plan.native_zs_mm.size} native slices of {np.diff(full_plan.native_zs_mm)[0]:.2f} mm in "
+          f"{len(full_slabs)} slabs of <= {DEFAULT_MAX_SLAB_BYTES >> 20} MiB")
+    small = settings.model_copy(update={"matrix": small_matrix})
+    times = []
+    for n_native in slabs:
+        half = (n_native - 3) * settings.slice_increment_mm / 2  # output slices + the profile's 2 extra
+        geometry = HelicalGeometry.covering(scanner, -half - 1.0, half + 1.0)
+        plan = plan_grid(geometry, small, z_range_mm=(-half, half))
+        data = ParallelData(values=np.zeros((geometry.number_of_views, n_rows, n_t), np.float32),
+                            t_spacing_mm=scanner.column_width_at_isocenter_mm)
+        seconds = best_of(repeats, backproject, data, geometry, small, plan.xs_mm, plan.ys_mm, plan.native_zs_mm)
+        times.append((plan.native_zs_mm.size, seconds))
+        print(f"  measured: {small_matrix}^2 x {plan.native_zs_mm.size} native slices: {seconds:.2f} s")
+    (n1, t1), (n2, t2) = times
+    per_slice = (t2 - t1) / (n2 - n1)
+    per_slab = max(t1 - per_slice * n1, 0.0)
+    scale = (full_plan.shape[0] * full_plan.shape[1]) / small_matrix**2
+    backprojection = scale * (len(full_slabs) * per_slab + full_plan.native_zs_mm.size * per_slice)
+    block = full.model_copy(update={"number_of_views": 256})
+    zeros = np.zeros((256, n_rows, n_t), np.float32)
+
+    def rebin_filter():
+        filter_rows(rebin_to_parallel(zeros, block), settings.kernel, settings.cutoff)
+
+    prep = best_of(repeats, rebin_filter) * full.number_of_views / 256
+    total = backprojection + prep
+    print(f"  extrapolated (not measured end to end): backprojection {backprojection / 60:.1f} min "
+          f"({per_slab:.2f} s per slab + {per_slice:.3f} s per native slice at {small_matrix}^2, x {scale:.0f}), "
+          f"rebin + filter {prep:.0f} s: total ~{total / 60:.1f} min on {THREADS} threads")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch", action="store_true", help="also time the torch backend on the CPU")
+    parser.add_argument("--diffct-views", type=int, default=24, help="views diffct runs (0: skip)")
+    parser.add_argument("--skip-paper", action="store_true")
+    args = parser.parse_args()
+
+    import numba
+
+    numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+    print(f"numba threads: {numba.get_num_threads()}; {_load()} (figures taken under this load)")
+    volume, protocol, geometry, line_integrals = demo_case()
+    settings = protocol.reconstruction
+    print(f"demo: bundled CT {volume.shape} at {volume.spacing_mm} mm; {geometry.number_of_views} views x "
+          f"{geometry.detector_rows} rows x {geometry.detector_columns} columns")
+    parallel = rebin_to_parallel(line_integrals, geometry)
+    filter_rows(parallel, settings.kernel, settings.cutoff)
+    xs, ys, zs = volume.scanner_coordinates_mm()
+    per_voxel = views_per_voxel(geometry)
+    updates = volume.hu.size * per_voxel
+    seconds = best_of(args.repeats, backproject, parallel, geometry, settings, xs, ys, zs)
+    gups = updates / seconds / 1e9
+    print(f"numba backprojection: {seconds:.2f} s, {volume.hu.size} voxels x ~{per_voxel:.0f} views: {gups:.3f} GUPS")
+    if args.torch:
+        from dosebench.reconstructor import wfbp_torch
+
+        start = time.perf_counter()
+        wfbp_torch.backproject(parallel, geometry, settings, xs, ys, zs, device="cpu")
+        torch_seconds = time.perf_counter() - start
+        print(f"torch backend (CPU, float64) backprojection: {torch_seconds:.2f} s: {updates / torch_seconds / 1e9:.3f} GUPS")
+    if args.diffct_views > 0:
+        per_view = bench_diffct(volume, geometry, line_integrals, args.diffct_views)
+        if per_view is None:
+            print("diffct: not installed (pip install diffct==2.5.0 to compare)")
+        else:
+            import diffct
+
+            diffct_seconds = per_view * geometry.number_of_views
+            print(f"diffct {diffct.__version__} torch CPU Projector.backproject: {per_view:.3f} s per view on "
+                  f"{args.diffct_views} views, extrapolated to all {geometry.number_of_views} views: "
+                  f"{diffct_seconds:.0f} s ({updates / diffct_seconds / 1e9:.4f} GUPS by the same count); "
+                  f"dosebench numba is {diffct_seconds / seconds:.0f}x faster")
+    print(f"({_load()})")
+    if not args.skip_paper:
+        paper_estimate(args.repeats)
+        print(f"({_load()})")
+
+
+if __name__ == "__main__":
+    main()

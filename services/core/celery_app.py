@@ -1,0 +1,129 @@
+"""The one Celery app of the service: Redis broker, queues ``simulate``, ``reconstruct``, ``segment``,
+``evaluate``; tasks take IDs only (the database is the source of truth).
+
+Public API:
+    app                        the Celery app (``celery -A dosebench.core.celery_app worker ...``)
+    configure(settings=None)   (re)apply Settings to ``app`` (done at import with get_settings())
+    celery_config(settings)    the configuration dict (broker, routes, limits, visibility timeout, beat)
+    STAGE_TASKS                stage name -> task name; TASK_QUEUES: task name -> queue
+    GPU_QUEUES                 queues whose worker processes serve one task each (reconstruct, segment)
+    enqueue(stages)            send the task of each Stage (by id)
+    enqueue_ready(job_id, settings=None) -> list[int]   after create_job / retry_job: send what is ready
+    reap_once(settings=None) -> list[int]               one reaper pass (what the beat task ``reap`` runs)
+
+Delivery: tasks are acknowledged late and rejected (re-queued) when their worker process dies, one
+message is prefetched at a time, and Redis redelivers an unacknowledged message after
+``visibility_timeout_s`` (longer than every hard time limit, see :mod:`dosebench.core.settings`). A
+message may therefore arrive twice; the stage claim in :mod:`dosebench.core.jobs` makes the second a
+no-op. A worker killed outright (no rejection) leaves its stage ``running`` with a stale heartbeat: the
+periodic ``reap`` task re-queues it (or fails it once ``max_attempts`` are spent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from .settings import QUEUES, Settings, get_settings
+
+STAGE_TASKS = {name: f"dosebench.{name}" for name in ("acquire", "simulate", "reconstruct", "segment", "evaluate")}
+TASK_QUEUES = {
+    "dosebench.acquire": "simulate",
+    "dosebench.simulate": "simulate",
+    "dosebench.reconstruct": "reconstruct",
+    "dosebench.segment": "segment",
+    "dosebench.evaluate": "evaluate",
+    "dosebench.reap": "evaluate",
+}
+GPU_QUEUES = ("reconstruct", "segment")
+TASK_MODULES = ["dosebench.simulator.tasks", "dosebench.reconstructor.tasks", "dosebench.segmenter.tasks"]
+
+
+def celery_config(settings: Settings) -> dict:
+    transport: dict = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_key_prefix:
+        transport["global_keyprefix"] = settings.broker_key_prefix
+    annotations = {}
+    for task, queue in TASK_QUEUES.items():
+        soft, hard = settings.time_limits(queue)
+        annotations[task] = {"soft_time_limit": soft, "time_limit": hard}
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        # results are never read (the database has them); the backend is configured only so that
+        # anything reading it uses the same visibility timeout
+        "result_backend": settings.broker_url,
+        "result_backend_transport_options": transport,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # one direct exchange per queue: a message reaches exactly the queue it is routed to
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        "task_default_queue": "evaluate",
+        "task_routes": {task: {"queue": queue, "exchange": queue, "routing_key": queue}
+                        for task, queue in TASK_QUEUES.items()},
+        "task_annotations": annotations,
+        # a reap message not run within one interval is dropped: the next one does the same work
+        "beat_schedule": {"reap": {"task": "dosebench.reap", "schedule": settings.reaper_interval_s,
+                                   "options": {"expires": settings.reaper_interval_s}}},
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+app = Celery("dosebench", include=TASK_MODULES)
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """Apply ``settings`` (default: the environment's) to ``app``; forgets any open broker connections."""
+    settings = settings or get_settings()
+    app.conf.update(celery_config(settings))
+    if app._pool is not None:  # connections made with the old broker URL
+        app._pool.force_close_all()
+        app._pool = None
+    return app
+
+
+configure()
+
+
+def enqueue(stages: Iterable) -> list[int]:
+    """Send the task of each stage (anything with ``id`` and ``name``); returns the stage ids."""
+    sent = []
+    for stage in stages:
+        app.send_task(STAGE_TASKS[stage.name], args=[stage.id])
+        sent.append(stage.id)
+    return sent
+
+
+def enqueue_ready(job_id: str, settings: Settings | None = None) -> list[int]:
+    """Send the tasks of the job's ready stages (after ``create_job`` or ``retry_job``). Sending a
+    stage that is already on its way is harmless: only one delivery can claim it."""
+    from . import jobs
+    from .db import session_factory
+
+    settings = settings or get_settings()
+    with session_factory(settings.database_url)() as session:
+        return enqueue(jobs.ready_stages(session, job_id))
+
+
+def reap_once(settings: Settings | None = None) -> list[int]:
+    """Re-queue (and re-send) or fail the running stages whose heartbeat went stale."""
+    from . import jobs
+    from .db import session_factory
+
+    settings = settings or get_settings()
+    with session_factory(settings.database_url)() as session:
+        return enqueue(jobs.reap_stale(session, settings.stale_after_s, settings.max_attempts))
+
+
+@app.task(name="dosebench.reap")
+def reap() -> list[int]:
+    return reap_once()

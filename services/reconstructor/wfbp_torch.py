@@ -1,0 +1,223 @@
+"""Helical WFBP in torch: the same rebinning, filter and aperture-weighted backprojection as
+:mod:`dosebench.reconstructor.wfbp` (see its docstring for the algorithm), vectorised for CUDA; it runs on
+the CPU too (the parity tests do).
+
+Memory: projections stay on the host. Rebinning and filtering move blocks of views to the device; the
+backprojection works slab by slab of slices, with only the views a slab needs on the device, and
+``max_slab_bytes`` bounds that block plus the slab's accumulators. Arithmetic is float32 on CUDA and
+float64 on the CPU unless ``dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..core.geometry import HelicalGeometry
+from ..core.protocol import ReconstructionSettings
+from .wfbp import (
+    DEFAULT_MAX_SLAB_BYTES,
+    ParallelData,
+    Reconstruction,
+    _sorted_z,
+    incomplete_mask,
+    ramp_filter_response,
+    slab_plan,
+)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
+def rebin_and_filter(line_integrals: np.ndarray, geometry: HelicalGeometry, settings: ReconstructionSettings,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                     views_per_block: int = 256) -> ParallelData:
+    """Wedge rebinning (bilinear in view and column) and the ramp filter, block by block of views on
+    ``device``; the result is a host array, as :func:`wfbp.rebin_to_parallel` + ``filter_rows`` give."""
+    device = default_device() if device is None else torch.device(device)
+    dtype = _dtype(device, dtype)
+    n_views, n_rows, n_cols = line_integrals.shape
+    if (n_views, n_rows, n_cols) != (geometry.number_of_views, geometry.detector_rows, geometry.detector_columns):
+        raise ValueError("projections do not match the geometry's views x rows x columns")
+    radius = geometry.source_to_isocenter_mm
+    t_spacing = geometry.column_width_at_isocenter_mm
+    n_t = n_cols
+    t = (np.arange(n_t) - (n_t - 1) / 2.0) * t_spacing
+    gamma = np.arcsin(np.clip(t / radius, -1.0, 1.0))
+    if geometry.detector_shape == "curved":
+        column = geometry.central_column_index + gamma / geometry.column_pitch_at_detector
+    else:
+        column = (geometry.central_column_index
+                  + geometry.source_to_detector_mm * np.tan(gamma) / geometry.column_pitch_at_detector)
+    view_offset = geometry.rotation_direction * gamma * geometry.views_per_turn / (2.0 * np.pi)
+    reach_lo = int(math.floor(view_offset.min())) - 1
+    reach_hi = int(math.ceil(view_offset.max())) + 1
+    n_padded = 1 << int(math.ceil(math.log2(2 * n_t)))
+    response = torch.as_tensor(ramp_filter_response(n_padded, t_spacing, settings.kernel, settings.cutoff),
+                               dtype=dtype, device=device)
+    column_t = torch.as_tensor(column, dtype=dtype, device=device)
+    offset_t = torch.as_tensor(view_offset, dtype=dtype, device=device)
+    c_ok = (column_t >= 0) & (column_t <= n_cols - 1)
+    c0 = torch.clamp(torch.floor(column_t).long(), 0, n_cols - 2)
+    wc = column_t - c0
+    out = np.zeros((n_views, n_rows, n_t), dtype=np.float32)
+    for start in range(0, n_views, views_per_block):
+        stop = min(start + views_per_block, n_views)
+        src_lo = max(0, start + reach_lo)
+        src_hi = min(n_views, stop + reach_hi + 1)
+        proj = torch.as_tensor(np.ascontiguousarray(line_integrals[src_lo:src_hi]), device=device).to(dtype)
+        j = torch.arange(start, stop, device=device, dtype=dtype)[:, None]
+        kf = j + offset_t[None, :]  # (views, t)
+        ok = (kf >= 0) & (kf <= n_views - 1) & c_ok[None, :]
+        k0 = torch.clamp(torch.floor(kf).long(), 0, n_views - 2)
+        wk = (kf - k0).unsqueeze(-1)
+        k0 = k0 - src_lo
+        cc = c0[None, :].expand_as(k0)
+        wcc = wc[None, :, None]
+        # proj[k, :, c] gathered as (views, t, rows)
+        a = proj[k0, :, cc]
+        b = proj[k0, :, cc + 1]
+        c = proj[k0 + 1, :, cc]
+        d = proj[k0 + 1, :, cc + 1]
+        values = (1 - wk) * ((1 - wcc) * a + wcc * b) + wk * ((1 - wcc) * c + wcc * d)
+        values = torch.where(ok.unsqueeze(-1), values, torch.zeros((), dtype=dtype, device=device))
+        values = values.transpose(1, 2)  # (views, rows, t)
+        spectrum = torch.fft.rfft(values, n=n_padded, dim=2) * response
+        filtered = torch.fft.irfft(spectrum, n=n_padded, dim=2)[..., :n_t]
+        out[start:stop] = filtered.to(torch.float32).cpu().numpy()
+    return ParallelData(values=out, t_spacing_mm=t_spacing)
+
+
+def backproject(filtered: ParallelData, geometry: HelicalGeometry, settings: ReconstructionSettings,
+                xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
+    """Aperture-weighted backprojection, view by view, vectorised over the slab's columns x slices."""
+    device = default_device() if device is None else torch.device(device)
+    dtype = _dtype(device, dtype)
+    xs = np.asarray(xs_mm, np.float64).ravel()
+    ys = np.asarray(ys_mm, np.float64).ravel()
+    zs_sorted, order, _ = _sorted_z(zs_mm)
+    n_views, n_rows, n_t = filtered.values.shape
+    t_spacing = filtered.t_spacing_mm
+    radius = float(geometry.source_to_isocenter_mm)
+    det_dist = float(geometry.source_to_detector_mm)
+    row_pitch = float(geometry.row_height_at_detector_mm)
+    vpt = int(geometry.views_per_turn)
+    n_half = vpt // 2
+    feed = float(geometry.table_feed_per_turn_mm)
+    start_z = float(geometry.start_z_mm)
+    q_ap = float(settings.aperture_q)
+    t_center = (n_t - 1) / 2.0
+    r_mid = (n_rows - 1) / 2.0
+    v_edge = n_rows / 2.0 * row_pitch
+    max_t = t_center * t_spacing
+    reach_max = geometry.z_reach_mm(max_t)
+    gamma_views_max = math.asin(min(max_t / radius, 1.0)) * vpt / (2.0 * math.pi) + 2.0
+    phi = geometry.view_angles_rad()
+    sin_phi, cos_phi = np.sin(phi), np.cos(phi)
+
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    active = np.flatnonzero(np.hypot(gx, gy).ravel() < max_t)
+    X = torch.as_tensor(gx.ravel()[active], dtype=dtype, device=device)
+    Y = torch.as_tensor(gy.ravel()[active], dtype=dtype, device=device)
+    n_cols = active.size
+    out = np.zeros((xs.size * ys.size, zs_sorted.size), dtype=np.float32)
+    n_valid = np.zeros(out.shape, dtype=np.int32)
+    bytes_per_slice = max(1, n_cols) * (4 * torch.finfo(dtype).bits // 8 + 4)
+    plan = slab_plan(geometry, n_t, t_spacing, zs_sorted, n_rows * n_t * (torch.finfo(dtype).bits // 8),
+                     max_slab_bytes, bytes_per_slice=bytes_per_slice)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for z_slice, views in plan:
+        if n_cols == 0 or len(views) == 0:
+            continue
+        zs_slab = zs_sorted[z_slice]
+        nz = zs_slab.size
+        z_dev = torch.as_tensor(zs_slab, dtype=dtype, device=device)
+        block = torch.as_tensor(filtered.values[views.start:views.stop], device=device).to(dtype)
+        block = block.reshape(len(views), n_rows * n_t)
+        num = torch.zeros((nz, n_cols), dtype=dtype, device=device)
+        den = torch.zeros_like(num)
+        total = torch.zeros_like(num)
+        count = torch.zeros((nz, n_cols), dtype=torch.int32, device=device)
+        for k in range(n_half):
+            first = views.start + ((k - views.start) % n_half)
+            touched_lo, touched_hi = nz, -1
+            for j in range(first, views.stop, n_half):
+                # slices any column can see from view j: source z within the fan's view spread
+                z_lo = start_z + feed * (j - gamma_views_max) / vpt - reach_max
+                z_hi = start_z + feed * (j + gamma_views_max) / vpt + reach_max
+                a = int(np.searchsorted(zs_slab, z_lo, side="left"))
+                b = int(np.searchsorted(zs_slab, z_hi, side="right"))
+                if a >= b:
+                    continue
+                touched_lo, touched_hi = min(touched_lo, a), max(touched_hi, b - 1)
+                sj, cj = float(sin_phi[j]), float(cos_phi[j])
+                t = -X * sj + Y * cj
+                s = t / radius
+                gamma = torch.asin(s)
+                kf = j + geometry.rotation_direction * gamma * vpt / (2.0 * math.pi)
+                fi = t / t_spacing + t_center
+                i0 = torch.floor(fi)
+                ok = (kf >= 0) & (kf <= n_views - 1) & (i0 >= 0) & (i0 < n_t - 1)
+                wi = fi - i0
+                i0 = torch.clamp(i0, 0, n_t - 2).long()
+                cos_g = torch.sqrt(1.0 - s * s)
+                d_gamma = det_dist / cos_g if geometry.detector_shape == "flat" else det_dist
+                along = radius * cos_g - (X * cj + Y * sj)
+                src_z = start_z + feed * kf / vpt
+                slope = d_gamma / along
+                v = (z_dev[a:b, None] - src_z[None, :]) * slope[None, :]  # (slices, columns)
+                aq = torch.abs(v) / v_edge
+                taper = torch.cos(0.5 * math.pi * (aq - q_ap) / (1.0 - q_ap)) ** 2
+                w = torch.where(aq <= q_ap, torch.ones_like(aq), taper)
+                w = torch.where((aq < 1.0) & ok[None, :], w, zero)
+                row = block[j - views.start]
+                if n_rows > 1:
+                    rf = torch.clamp(r_mid + v / row_pitch, 0.0, n_rows - 1.0)
+                    r0 = torch.clamp(torch.floor(rf), max=n_rows - 2)
+                    wr = rf - r0
+                    base = r0.long() * n_t + i0[None, :]
+                    lo_val = (1.0 - wi) * row[base] + wi * row[base + 1]
+                    hi_val = (1.0 - wi) * row[base + n_t] + wi * row[base + n_t + 1]
+                    val = (1.0 - wr) * lo_val + wr * hi_val
+                else:
+                    val = ((1.0 - wi) * row[i0] + wi * row[i0 + 1])[None, :].expand_as(w)
+                num[a:b] += w * val
+                den[a:b] += w
+            if touched_hi >= touched_lo:
+                span = slice(touched_lo, touched_hi + 1)
+                seen = den[span] > 0
+                total[span] += torch.where(seen, num[span] / torch.where(seen, den[span], 1.0), zero)
+                count[span] += seen.to(torch.int32)
+                num[span] = 0
+                den[span] = 0
+        image = torch.where(count > 0, total * math.pi / count.clamp(min=1), zero)
+        out[active, z_slice] = image.T.to(torch.float32).cpu().numpy()
+        n_valid[active, z_slice] = count.T.cpu().numpy()
+    out = out.reshape(xs.size, ys.size, zs_sorted.size)
+    n_valid = n_valid.reshape(out.shape)
+    unsorted = np.empty_like(out)
+    unsorted[:, :, order] = out
+    valid_unsorted = np.empty_like(n_valid)
+    valid_unsorted[:, :, order] = n_valid
+    mask = incomplete_mask(valid_unsorted, xs, ys, max_t, vpt)
+    return Reconstruction(mu_per_mm=unsorted, incomplete_voxels=int(mask.sum()), incomplete_mask=mask)
+
+
+def reconstruct(line_integrals: np.ndarray, geometry: HelicalGeometry, settings: ReconstructionSettings,
+                xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
+    """WFBP of one projection set onto the given grid with torch (CUDA when available)."""
+    device = default_device() if device is None else torch.device(device)
+    parallel = rebin_and_filter(line_integrals, geometry, settings, device=device, dtype=dtype)
+    return backproject(parallel, geometry, settings, xs_mm, ys_mm, zs_mm, device=device, dtype=dtype,
+                       max_slab_bytes=max_slab_bytes)

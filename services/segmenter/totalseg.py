@@ -1,0 +1,283 @@
+"""The TotalSegmentator backend: TotalSegmentator 2.18.0's ``total`` task, run in a child process.
+
+Specs::
+
+    totalsegmentator        the five 1.5 mm part models (datasets 291-295: organs, vertebrae, cardiac,
+                            muscles, ribs), combined into the 117-class ``total`` map
+    totalsegmentator:fast   the single 3 mm model (dataset 297), which predicts the 117 classes directly
+
+Both as TotalSegmentator runs them by default: fold 0, no test-time augmentation (no mirroring),
+sliding-window step 0.8, the input resampled to the model's spacing and the labels back with
+nearest-neighbour. Each label's group is its part of ``class_map_5_parts`` (``organs``,
+``vertebrae``, ``cardiac``, ``muscles``, ``ribs``), for the fast model too.
+
+Why a child process (``python -m dosebench.segmenter.totalseg_child``): it can be killed (timeout,
+cancelled task), it gives back all of nnU-Net's memory when it ends, and nnU-Net may start its own
+worker processes, which a daemonic Celery worker process may not do. The volume goes to the child as a
+temporary NIfTI with the volume's affine and comes back the same way; the temporary folder (which also
+holds the child's TotalSegmentator home, so each call has its own ``config.json`` with usage statistics
+off) is removed whatever happens.
+
+Settings (environment): ``DOSEBENCH_TOTALSEG_WEIGHTS`` (see :mod:`dosebench.segmenter.weights`),
+``DOSEBENCH_TOTALSEG_DEVICE`` (``auto``, ``cpu`` or ``gpu``; default ``auto``: the GPU when CUDA is
+available), ``DOSEBENCH_TOTALSEG_TIMEOUT_S`` (seconds per call; default none).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from dosebench.core.errors import DosebenchError, InputError
+
+from . import weights as w
+from .labels import LabelInfo, Segmentation
+
+__all__ = ["SPECS", "SegmenterFailed", "label_table", "make_totalsegmentator"]
+
+#: spec -> dosebench mode (see weights.MODES)
+SPECS = {"totalsegmentator": "total", "totalsegmentator:fast": "fast"}
+
+CHILD_MODULE = "dosebench.segmenter.totalseg_child"
+#: TotalSegmentator's sliding-window step for the total task (nnunet.nnUNet_predict_image)
+STEP_SIZE = 0.8
+#: lines of the child's output quoted in an error
+LOG_TAIL = 15
+
+
+class SegmenterFailed(DosebenchError):
+    """The segmentation model did not finish: crashed, killed (out of memory) or timed out."""
+
+
+def _require_installed() -> None:
+    for module in ("totalsegmentator", "nnunetv2", "torch"):
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"the TotalSegmentator backend needs the Python package {module!r}, not installed",
+                             fix="pip install 'dosebench[totalseg]' (or use --segmenter threshold)")
+
+
+def label_table() -> dict[int, LabelInfo]:
+    """The 117 labels of TotalSegmentator's ``total`` map, each grouped by its part model."""
+    from totalsegmentator.map_to_binary import class_map, class_map_5_parts  # type: ignore[import-not-found]
+
+    group_of = {name: part.removeprefix("class_map_part_")
+                for part, names in class_map_5_parts.items() if part.startswith("class_map_part_")
+                for name in names.values()}
+    return {int(i): LabelInfo(int(i), name, group_of.get(name, "other"))
+            for i, name in sorted(class_map["total"].items())}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _device_setting() -> str:
+    device = os.environ.get("DOSEBENCH_TOTALSEG_DEVICE", "auto").strip().lower() or "auto"
+    if device not in ("auto", "cpu", "gpu"):
+        raise InputError(f"DOSEBENCH_TOTALSEG_DEVICE={device!r} is not a device",
+                         fix="set it to auto, cpu or gpu (or unset it)")
+    return device
+
+
+def _timeout_setting() -> float | None:
+    raw = os.environ.get("DOSEBENCH_TOTALSEG_TIMEOUT_S", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InputError(f"DOSEBENCH_TOTALSEG_TIMEOUT_S={raw!r} is not a positive number of seconds",
+                         fix="set it to e.g. 3600, or unset it for no limit")
+    return value
+
+
+def provenance(mode: str, weights_dir: Path, device: str, timeout_s: float | None) -> dict:
+    models = [w.DATASETS[i] for i in w.MODES[mode]]
+    return {
+        "backend": "totalsegmentator",
+        "task": "total",
+        "mode": "five 1.5 mm part models" if mode == "total" else "fast: one 3 mm model",
+        "datasets": [{"id": m.dataset_id, "folder": m.folder, "trainer": m.trainer, "part": m.part}
+                     for m in models],
+        "plans": w.PLANS, "configuration": w.CONFIGURATION, "folds": [w.FOLD], "checkpoint": w.CHECKPOINT,
+        "resample_mm": models[0].spacing_mm,
+        "test_time_augmentation": False, "mirroring": False, "step_size": STEP_SIZE,
+        "label_map": "class_map['total'] (117 classes); groups from class_map_5_parts",
+        "weights_dir": str(weights_dir),
+        "device": device, "timeout_s": timeout_s,
+        "runs_in": f"child process (python -m {CHILD_MODULE})",
+        "versions": {p: _version(p) for p in ("totalsegmentator", "nnunetv2", "torch")},
+    }
+
+
+def make_totalsegmentator(spec: str, weights_dir: Path | str | None = None, timeout_s: float | None = None,
+                          device: str | None = None):
+    """The TotalSegmentator backend for ``spec`` (a key of :data:`SPECS`); refuses missing weights now."""
+    from .backends import Segmenter
+
+    mode = SPECS[spec]
+    _require_installed()
+    root = w.check_weights(mode, weights_dir)
+    device = device or _device_setting()
+    if device not in ("auto", "cpu", "gpu"):
+        raise InputError(f"TotalSegmentator device {device!r} is not a device", fix="use auto, cpu or gpu")
+    timeout_s = timeout_s if timeout_s is not None else _timeout_setting()
+    table = label_table()
+
+    def segment(hu: np.ndarray, spacing_mm: tuple[float, float, float],
+                affine: np.ndarray | None = None) -> Segmentation:
+        return run_totalsegmentator(hu, spacing_mm, affine, mode=mode, weights_dir=root, device=device,
+                                    timeout_s=timeout_s, table=table)
+
+    return Segmenter(spec=spec, segment=segment, provenance=provenance(mode, root, device, timeout_s))
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _write_input(hu: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    data = np.asarray(hu)
+    rounded = np.rint(data)
+    if np.array_equal(rounded, data) and data.min() >= -32768 and data.max() <= 32767:
+        data = rounded.astype(np.int16)  # HU as stored: 2 bytes a voxel, compresses well
+    else:
+        data = data.astype(np.float32)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def _write_home(home: Path) -> None:
+    """TotalSegmentator's config.json, written before it can write its own (which sends statistics)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.json").write_text(json.dumps({
+        "totalseg_id": "totalseg_dosebench", "send_usage_stats": False, "prediction_counter": 0,
+        "statistics_disclaimer_shown": True}, indent=4))
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the child and every process it started (its own session), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _tail(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL:])
+
+
+def _failure(returncode: int, log: Path, mode: str) -> SegmenterFailed:
+    tail = _tail(log)
+    other = "totalsegmentator:fast (a 3 mm model, far less memory)" if mode == "total" else "a smaller volume"
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or "MemoryError" in tail or \
+            "out of memory" in tail.lower():
+        problem = ("TotalSegmentator ran out of memory" if "memory" in tail.lower() else
+                   "TotalSegmentator was killed (SIGKILL: most often the kernel's out-of-memory killer)")
+        return SegmenterFailed(f"{problem}; its last output:\n{tail}" if tail else problem,
+                               fix=f"give the worker more memory, or use {other}")
+    if returncode == 3:
+        return SegmenterFailed(f"TotalSegmentator tried to download weights or reach the network, refused: {tail}",
+                               fix="check the weights with `dosebench weights status`")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        return SegmenterFailed(f"TotalSegmentator was stopped by signal {name}; its last output:\n{tail}",
+                               fix="run it again; if it recurs, check the worker's logs")
+    return SegmenterFailed(f"TotalSegmentator failed (exit code {returncode}); its last output:\n{tail}",
+                           fix="check the input volume and the weights (`dosebench weights status`)")
+
+
+def run_totalsegmentator(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None,
+                         *, mode: str, weights_dir: Path, device: str = "auto", timeout_s: float | None = None,
+                         table: dict[int, LabelInfo] | None = None,
+                         on_start: Callable[[subprocess.Popen], None] | None = None) -> Segmentation:
+    """Segment ``hu`` (canonical array, HU) with TotalSegmentator in a child process.
+
+    ``affine`` maps the array's voxels to world mm (``Volume.affine``); without it a diagonal affine
+    with ``spacing_mm`` is used (TotalSegmentator only needs the spacing and the axis directions).
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise InputError(f"TotalSegmentator needs a 3D volume, got shape {hu.shape}", fix="give a CT volume")
+    w.check_weights(mode, weights_dir)  # they may have gone since the segmenter was made
+    if affine is None:
+        affine = np.diag([*map(float, spacing_mm), 1.0])
+    affine = np.asarray(affine, dtype=np.float64)
+    table = table if table is not None else label_table()
+
+    scratch = Path(tempfile.mkdtemp(prefix="dosebench-totalseg-"))
+    try:
+        source, target, log_path = scratch / "ct.nii.gz", scratch / "seg.nii.gz", scratch / "child.log"
+        _write_input(hu, affine, source)
+        home = scratch / "home"
+        _write_home(home)
+        env = dict(os.environ)
+        env.update({"TOTALSEG_HOME_DIR": str(home), "TOTALSEG_WEIGHTS_PATH": str(weights_dir),
+                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+        # nnU-Net sizes its export threads by this (default 8); match the CPUs this process may use
+        env.setdefault("nnUNet_def_n_proc", str(min(8, _usable_cpus())))
+        command = [sys.executable, "-m", CHILD_MODULE, str(source), str(target), "--mode", mode,
+                   "--weights", str(weights_dir), "--device", device]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env, cwd=scratch, start_new_session=True)
+            try:
+                if on_start is not None:
+                    on_start(process)
+                returncode = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                raise SegmenterFailed(
+                    f"TotalSegmentator did not finish within {timeout_s:g} s and was stopped",
+                    fix="raise DOSEBENCH_TOTALSEG_TIMEOUT_S, use a GPU worker, or use totalsegmentator:fast",
+                ) from None
+            except BaseException:
+                _kill_group(process)  # interrupted or cancelled: leave no orphan behind
+                raise
+            # nnU-Net's own workers must not outlive the call either
+            _kill_group(process)
+        if returncode != 0 or not target.is_file():
+            raise _failure(returncode, log_path, mode)
+        image = nib.load(str(target))
+        labels = np.asarray(image.dataobj)
+        if labels.shape != hu.shape or not np.allclose(image.affine, affine, atol=1e-3):
+            raise SegmenterFailed(f"TotalSegmentator returned a label map of shape {labels.shape} for a volume "
+                                  f"of shape {hu.shape} (or on another grid)",
+                                  fix="report this with the input volume's header")
+        unknown = sorted(set(np.unique(labels).tolist()) - set(table) - {0})
+        if unknown:
+            raise SegmenterFailed(f"TotalSegmentator returned label ids outside its table: {unknown[:10]}",
+                                  fix="check that the weights belong to TotalSegmentator 2.x's total task")
+        # 117 classes: uint8 holds every id
+        return Segmentation(labels=np.ascontiguousarray(labels, dtype=np.uint8), table=dict(table))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
