@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage
 
 from .core.doses import FULL_DOSE, dose_label, validate_dose_fraction
-from .core.errors import DosebenchError, InputError
+from .core.errors import Cancelled, InputError
 from .core.geometry import HelicalGeometry
 from .core.progress import NullProgress, ProgressSink
 from .core.protocol import Protocol
@@ -47,10 +47,6 @@ from .simulator.synthesis import BODY_HU, plan_scan, synthesise_blocks, thin_blo
 STAGES = ("acquire", "simulate", "reconstruct", "segment", "evaluate")
 PER_LABEL_COLUMNS = ["study", "dose", "reference", "group", "label", "label_id", "dice",
                      "reference_voxels", "test_voxels", "volume_change_ml", "surface_dice", "hd95_mm"]
-
-
-class Cancelled(DosebenchError):
-    """The job was cancelled; the stage stopped between chunks."""
 
 
 class JobSpec(BaseModel):
@@ -246,7 +242,8 @@ def segment_dose(spec: JobSpec, dose: float, recon_url: str, out_url: str,
     context.progress.start(key, f"dose {dose_label(dose)}: segment", 1)
     context.check_cancel()
     hu = volume.canonical_from_source(_read_nifti(recon_url).astype(np.float32))
-    segmentation = make_segmenter(spec.segmenter).segment(hu, volume.spacing_mm, affine=volume.affine)
+    segmentation = make_segmenter(spec.segmenter).segment(hu, volume.spacing_mm, affine=volume.affine,
+                                                          should_cancel=context.should_cancel)
     url = _join(out_url, "seg.nii.gz")
     _write_nifti(url, _nifti_like(volume, segmentation.labels, np.uint16))
     labels_url = _join(out_url, "labels.json")

@@ -18,3 +18,7 @@ class InputError(DosebenchError, ValueError):
 
 class OutputError(DosebenchError):
     """The output location cannot be used."""
+
+
+class Cancelled(DosebenchError):
+    """The job was cancelled; the stage stopped between chunks (or its child process was killed)."""

@@ -1,7 +1,9 @@
 """Segmenter backends, chosen by a spec string.
 
 Specs: ``threshold`` (the baseline, no model), ``totalsegmentator`` (TotalSegmentator's five 1.5 mm part
-models) and ``totalsegmentator:fast`` (its 3 mm model); see :mod:`dosebench.segmenter.totalseg`.
+models) and ``totalsegmentator:fast`` (its 3 mm model); see :mod:`dosebench.segmenter.totalseg`;
+``nnunet:/path/to/model_folder[?fold=0&checkpoint=checkpoint_final.pth&tta=0]`` (any nnU-Net v2 trained-model
+folder); see :mod:`dosebench.segmenter.nnunet`.
 
 A backend's ``segment(hu, spacing_mm, affine=None)`` takes the HU array in canonical (RAS) orientation,
 its voxel spacing and, optionally, its voxel-to-world affine (``Volume.affine``), and returns a
@@ -28,17 +30,23 @@ class Segmenter:
 
 
 def _threshold(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None = None,
-               ) -> Segmentation:
-    return threshold_segment(hu, spacing_mm)
+               should_cancel: object = None) -> Segmentation:
+    return threshold_segment(hu, spacing_mm)  # well under a second: no cancel point needed
 
 
 #: every spec make_segmenter knows
 KNOWN_SPECS = ("threshold", "totalsegmentator", "totalsegmentator:fast")
+#: the nnU-Net backend's spec form (a prefix and a model folder; not a fixed spec, so not in KNOWN_SPECS)
+NNUNET_SPEC = "nnunet:/path/to/model_folder[?fold=0&checkpoint=checkpoint_final.pth&tta=0]"
 
 
 def make_segmenter(spec: str) -> Segmenter:
     """The backend for ``spec``; an unknown spec is an :class:`InputError` naming the known ones."""
     name = spec.strip().lower()
+    if name.startswith("nnunet:"):  # the model folder's path keeps its case
+        from .nnunet import make_nnunet
+
+        return make_nnunet(spec)
     if name == "threshold":
         from . import threshold
 
@@ -55,4 +63,4 @@ def make_segmenter(spec: str) -> Segmenter:
         from .totalseg import make_totalsegmentator
 
         return make_totalsegmentator(name)
-    raise InputError(f"unknown segmenter {spec!r}", fix=f"use one of: {', '.join(KNOWN_SPECS)}")
+    raise InputError(f"unknown segmenter {spec!r}", fix=f"use one of: {', '.join((*KNOWN_SPECS, NNUNET_SPEC))}")

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +41,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dosebench.core.errors import DosebenchError, InputError
+from dosebench.core.errors import Cancelled, DosebenchError, InputError
 
 from . import weights as w
 from .labels import LabelInfo, Segmentation
@@ -142,9 +143,9 @@ def make_totalsegmentator(spec: str, weights_dir: Path | str | None = None, time
     table = label_table()
 
     def segment(hu: np.ndarray, spacing_mm: tuple[float, float, float],
-                affine: np.ndarray | None = None) -> Segmentation:
+                affine: np.ndarray | None = None, should_cancel: Callable[[], bool] | None = None) -> Segmentation:
         return run_totalsegmentator(hu, spacing_mm, affine, mode=mode, weights_dir=root, device=device,
-                                    timeout_s=timeout_s, table=table)
+                                    timeout_s=timeout_s, table=table, should_cancel=should_cancel)
 
     return Segmenter(spec=spec, segment=segment, provenance=provenance(mode, root, device, timeout_s))
 
@@ -216,10 +217,27 @@ def _failure(returncode: int, log: Path, mode: str) -> SegmenterFailed:
                            fix="check the input volume and the weights (`dosebench weights status`)")
 
 
+def wait_for_child(process: subprocess.Popen, timeout_s: float | None,
+                   should_cancel: Callable[[], bool] | None = None, poll_s: float = 0.5) -> int:
+    """Wait for ``process``; raise ``subprocess.TimeoutExpired`` past ``timeout_s`` and
+    :class:`Cancelled` as soon as ``should_cancel()`` says so (the caller kills the process group)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        step = poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
+        try:
+            return process.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("the job was cancelled; the segmentation child process was stopped") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
 def run_totalsegmentator(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None,
                          *, mode: str, weights_dir: Path, device: str = "auto", timeout_s: float | None = None,
                          table: dict[int, LabelInfo] | None = None,
-                         on_start: Callable[[subprocess.Popen], None] | None = None) -> Segmentation:
+                         on_start: Callable[[subprocess.Popen], None] | None = None,
+                         should_cancel: Callable[[], bool] | None = None) -> Segmentation:
     """Segment ``hu`` (canonical array, HU) with TotalSegmentator in a child process.
 
     ``affine`` maps the array's voxels to world mm (``Volume.affine``); without it a diagonal affine
@@ -253,7 +271,7 @@ def run_totalsegmentator(hu: np.ndarray, spacing_mm: tuple[float, float, float],
             try:
                 if on_start is not None:
                     on_start(process)
-                returncode = process.wait(timeout=timeout_s)
+                returncode = wait_for_child(process, timeout_s, should_cancel)
             except subprocess.TimeoutExpired:
                 _kill_group(process)
                 raise SegmenterFailed(
