@@ -199,6 +199,34 @@ def test_a_job_succeeds_on_a_real_worker_with_the_embedded_metrics(service, work
             assert jobs.describe_artifact(artifact.uri) == (artifact.bytes, artifact.checksum)
 
 
+def test_a2_submitted_over_http_run_by_the_worker_metrics_from_the_api(service, worker, cropped_ct, embedded_rows):
+    """The whole path: upload and submit over the REST API, the real worker runs every stage, the
+    metrics come back through the API (from PostgreSQL) equal to the embedded run's."""
+    from fastapi.testclient import TestClient
+
+    from dosebench.api.app import create_app
+    from dosebench.api.tokens import create_token
+
+    settings = service["settings"]
+    token = create_token(settings.database_url, "http-e2e")
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {token}"}) as client:
+        with cropped_ct.open("rb") as handle:
+            study = client.post("/v1/studies", files={"file": ("ct.nii.gz", handle)})
+        assert study.status_code == 201, study.text
+        submitted = client.post("/v1/jobs", json={"study_id": study.json()["id"], "doses": DOSES, "protocol": "tiny",
+                                                  "segmenter": "threshold", "seed": SEED},
+                                headers={"Idempotency-Key": "http-e2e"})
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        state = _wait(lambda: (s := client.get(f"/v1/jobs/{job_id}").json()["state"]) in TERMINAL_STATES and s,
+                      f"job {job_id} over HTTP", worker)
+        assert state == SUCCEEDED, worker.tail()
+        metrics = client.get(f"/v1/jobs/{job_id}/metrics", params={"format": "csv"})
+        assert metrics.status_code == 200
+        rows = sorted(_csv_row(row) for row in csv.DictReader(metrics.text.splitlines()))
+    assert rows == embedded_rows
+
+
 def test_c_a_task_delivered_several_times_runs_once(service, worker, cropped_ct, embedded_rows):
     from dosebench.core.celery_app import app, enqueue
 
@@ -304,3 +332,4 @@ def test_b_sigkill_mid_stage_is_reaped_and_the_job_still_succeeds(service, worke
         assert _db_rows(service, job_id) == embedded_rows
     finally:
         second.stop()
+

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu import pools as kombu_pools
 
 from .settings import QUEUES, Settings, get_settings
 
@@ -85,9 +86,12 @@ def configure(settings: Settings | None = None) -> Celery:
     """Apply ``settings`` (default: the environment's) to ``app``; forgets any open broker connections."""
     settings = settings or get_settings()
     app.conf.update(celery_config(settings))
-    if app._pool is not None:  # connections made with the old broker URL
-        app._pool.force_close_all()
-        app._pool = None
+    # Forget connections made with the old settings: the app's pool is kombu's global pool for that
+    # broker, which its producer pool shares; closing one and keeping the others would leave the app
+    # sending through a closed pool ("Acquire on closed pool").
+    kombu_pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
     return app
 
 
