@@ -43,25 +43,45 @@ class ParallelData:
     t_spacing_mm: float
 
 
-def rebin_to_parallel(line_integrals: np.ndarray, geometry: HelicalGeometry) -> ParallelData:
-    """Row-wise fan-to-parallel (wedge) rebinning by bilinear interpolation in (view, column)."""
-    n_views, n_rows, n_cols = line_integrals.shape
-    if (n_views, n_rows, n_cols) != (geometry.number_of_views, geometry.detector_rows, geometry.detector_columns):
-        raise ValueError("projections do not match the geometry's views x rows x columns")
-    radius = geometry.source_to_isocenter_mm
+@dataclass(frozen=True)
+class RebinningCoordinates:
+    """Where each parallel ray (view j, distance t_i) lies in the fan data: fan view ``j + view_offset[i]``
+    and detector column ``column[i]`` (both fractional); rays at ``t_i = (i - (n_t-1)/2) * t_spacing_mm``."""
+
+    t_spacing_mm: float
+    view_offset: np.ndarray
+    column: np.ndarray
+
+
+def rebinning_coordinates(geometry: HelicalGeometry) -> RebinningCoordinates:
+    """The fan-to-parallel map of every backend: ray (phi, t) is fan angle ``gamma = asin(t / R)`` of the
+    view whose angle is ``phi + gamma``."""
     t_spacing = geometry.column_width_at_isocenter_mm
-    n_t = n_cols
+    n_t = geometry.detector_columns
     t = (np.arange(n_t) - (n_t - 1) / 2.0) * t_spacing
-    gamma = np.arcsin(np.clip(t / radius, -1.0, 1.0))
+    gamma = np.arcsin(np.clip(t / geometry.source_to_isocenter_mm, -1.0, 1.0))
     if geometry.detector_shape == "curved":
         column = geometry.central_column_index + gamma / geometry.column_pitch_at_detector
     else:
         column = (geometry.central_column_index
                   + geometry.source_to_detector_mm * np.tan(gamma) / geometry.column_pitch_at_detector)
     view_offset = geometry.rotation_direction * gamma * geometry.views_per_turn / (2.0 * np.pi)
+    return RebinningCoordinates(t_spacing_mm=t_spacing, view_offset=view_offset, column=column)
+
+
+def check_projection_shape(line_integrals: np.ndarray, geometry: HelicalGeometry) -> None:
+    if line_integrals.shape != (geometry.number_of_views, geometry.detector_rows, geometry.detector_columns):
+        raise ValueError("projections do not match the geometry's views x rows x columns")
+
+
+def rebin_to_parallel(line_integrals: np.ndarray, geometry: HelicalGeometry) -> ParallelData:
+    """Row-wise fan-to-parallel (wedge) rebinning by bilinear interpolation in (view, column)."""
+    check_projection_shape(line_integrals, geometry)
+    coordinates = rebinning_coordinates(geometry)
+    n_views, n_rows, n_t = line_integrals.shape
     out = np.zeros((n_views, n_rows, n_t), dtype=np.float32)
-    _rebin(np.ascontiguousarray(line_integrals, dtype=np.float32), view_offset, column, out)
-    return ParallelData(values=out, t_spacing_mm=t_spacing)
+    _rebin(np.ascontiguousarray(line_integrals, dtype=np.float32), coordinates.view_offset, coordinates.column, out)
+    return ParallelData(values=out, t_spacing_mm=coordinates.t_spacing_mm)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -22,8 +22,10 @@ from .wfbp import (
     ParallelData,
     Reconstruction,
     _sorted_z,
+    check_projection_shape,
     incomplete_mask,
     ramp_filter_response,
+    rebinning_coordinates,
     slab_plan,
 )
 
@@ -45,20 +47,11 @@ def rebin_and_filter(line_integrals: np.ndarray, geometry: HelicalGeometry, sett
     ``device``; the result is a host array, as :func:`wfbp.rebin_to_parallel` + ``filter_rows`` give."""
     device = default_device() if device is None else torch.device(device)
     dtype = _dtype(device, dtype)
+    check_projection_shape(line_integrals, geometry)
     n_views, n_rows, n_cols = line_integrals.shape
-    if (n_views, n_rows, n_cols) != (geometry.number_of_views, geometry.detector_rows, geometry.detector_columns):
-        raise ValueError("projections do not match the geometry's views x rows x columns")
-    radius = geometry.source_to_isocenter_mm
-    t_spacing = geometry.column_width_at_isocenter_mm
+    coordinates = rebinning_coordinates(geometry)  # the same map as the numba backend
+    t_spacing, view_offset, column = coordinates.t_spacing_mm, coordinates.view_offset, coordinates.column
     n_t = n_cols
-    t = (np.arange(n_t) - (n_t - 1) / 2.0) * t_spacing
-    gamma = np.arcsin(np.clip(t / radius, -1.0, 1.0))
-    if geometry.detector_shape == "curved":
-        column = geometry.central_column_index + gamma / geometry.column_pitch_at_detector
-    else:
-        column = (geometry.central_column_index
-                  + geometry.source_to_detector_mm * np.tan(gamma) / geometry.column_pitch_at_detector)
-    view_offset = geometry.rotation_direction * gamma * geometry.views_per_turn / (2.0 * np.pi)
     reach_lo = int(math.floor(view_offset.min())) - 1
     reach_hi = int(math.ceil(view_offset.max())) + 1
     n_padded = 1 << int(math.ceil(math.log2(2 * n_t)))

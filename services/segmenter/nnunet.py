@@ -63,6 +63,8 @@ from .totalseg import (
     _usable_cpus,
     _version,
     _write_input,
+    device_setting,
+    timeout_setting,
     wait_for_child,
 )
 
@@ -294,28 +296,6 @@ def _require_installed() -> None:
                              fix="pip install 'dosebench[totalseg]' (or use --segmenter threshold)")
 
 
-def _device_setting() -> str:
-    device = os.environ.get("DOSEBENCH_NNUNET_DEVICE", "auto").strip().lower() or "auto"
-    if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"DOSEBENCH_NNUNET_DEVICE={device!r} is not a device",
-                         fix="set it to auto, cpu or gpu (or unset it)")
-    return device
-
-
-def _timeout_setting() -> float | None:
-    raw = os.environ.get("DOSEBENCH_NNUNET_TIMEOUT_S", "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise InputError(f"DOSEBENCH_NNUNET_TIMEOUT_S={raw!r} is not a positive number of seconds",
-                         fix="set it to e.g. 3600, or unset it for no limit")
-    return value
-
-
 def provenance(model: NnunetModel, device: str, timeout_s: float | None) -> dict:
     spec = model.spec
     return {
@@ -344,10 +324,10 @@ def make_nnunet(spec: str, timeout_s: float | None = None, device: str | None = 
     parsed = parse_spec(spec)
     _require_installed()
     model = check_model(parsed)
-    device = device or _device_setting()
+    device = device or device_setting("DOSEBENCH_NNUNET_DEVICE")
     if device not in ("auto", "cpu", "gpu"):
         raise InputError(f"nnU-Net device {device!r} is not a device", fix="use auto, cpu or gpu")
-    timeout_s = timeout_s if timeout_s is not None else _timeout_setting()
+    timeout_s = timeout_s if timeout_s is not None else timeout_setting("DOSEBENCH_NNUNET_TIMEOUT_S")
 
     def segment(hu: np.ndarray, spacing_mm: tuple[float, float, float],
                 affine: np.ndarray | None = None, should_cancel: Callable[[], bool] | None = None) -> Segmentation:

@@ -87,16 +87,17 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _device_setting() -> str:
-    device = os.environ.get("DOSEBENCH_TOTALSEG_DEVICE", "auto").strip().lower() or "auto"
+def device_setting(variable: str) -> str:
+    """A child-process segmenter's device from the environment variable ``variable``: auto, cpu or gpu."""
+    device = os.environ.get(variable, "auto").strip().lower() or "auto"
     if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"DOSEBENCH_TOTALSEG_DEVICE={device!r} is not a device",
-                         fix="set it to auto, cpu or gpu (or unset it)")
+        raise InputError(f"{variable}={device!r} is not a device", fix="set it to auto, cpu or gpu (or unset it)")
     return device
 
 
-def _timeout_setting() -> float | None:
-    raw = os.environ.get("DOSEBENCH_TOTALSEG_TIMEOUT_S", "").strip()
+def timeout_setting(variable: str) -> float | None:
+    """A child-process segmenter's time limit (s) from ``variable``; unset means no limit."""
+    raw = os.environ.get(variable, "").strip()
     if not raw:
         return None
     try:
@@ -104,7 +105,7 @@ def _timeout_setting() -> float | None:
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise InputError(f"DOSEBENCH_TOTALSEG_TIMEOUT_S={raw!r} is not a positive number of seconds",
+        raise InputError(f"{variable}={raw!r} is not a positive number of seconds",
                          fix="set it to e.g. 3600, or unset it for no limit")
     return value
 
@@ -136,10 +137,10 @@ def make_totalsegmentator(spec: str, weights_dir: Path | str | None = None, time
     mode = SPECS[spec]
     _require_installed()
     root = w.check_weights(mode, weights_dir)
-    device = device or _device_setting()
+    device = device or device_setting("DOSEBENCH_TOTALSEG_DEVICE")
     if device not in ("auto", "cpu", "gpu"):
         raise InputError(f"TotalSegmentator device {device!r} is not a device", fix="use auto, cpu or gpu")
-    timeout_s = timeout_s if timeout_s is not None else _timeout_setting()
+    timeout_s = timeout_s if timeout_s is not None else timeout_setting("DOSEBENCH_TOTALSEG_TIMEOUT_S")
     table = label_table()
 
     def segment(hu: np.ndarray, spacing_mm: tuple[float, float, float],
