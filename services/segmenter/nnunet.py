@@ -50,7 +50,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from dosebench.core.errors import InputError
@@ -58,14 +57,14 @@ from dosebench.core.errors import InputError
 from .labels import LabelInfo, Segmentation
 from .totalseg import (
     SegmenterFailed,
-    _kill_group,
     _tail,
     _usable_cpus,
     _version,
     _write_input,
     device_setting,
+    read_child_labels,
+    run_child,
     timeout_setting,
-    wait_for_child,
 )
 
 __all__ = ["PREFIX", "NnunetModel", "SegmenterFailed", "make_nnunet", "parse_spec", "run_nnunet"]
@@ -388,34 +387,16 @@ def run_nnunet(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: n
                    "--folds", ",".join(spec.folds), "--checkpoint", spec.checkpoint, "--device", device]
         if spec.tta:
             command.append("--tta")
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, cwd=scratch, start_new_session=True)
-            try:
-                if on_start is not None:
-                    on_start(process)
-                returncode = wait_for_child(process, timeout_s, should_cancel)
-            except subprocess.TimeoutExpired:
-                _kill_group(process)
-                raise SegmenterFailed(f"nnU-Net did not finish within {timeout_s:g} s and was stopped",
-                                      fix="raise DOSEBENCH_NNUNET_TIMEOUT_S or use a GPU worker") from None
-            except BaseException:
-                _kill_group(process)  # interrupted or cancelled: leave no orphan behind
-                raise
-            _kill_group(process)  # nnU-Net's own workers must not outlive the call either
+        try:
+            returncode = run_child(command, env=env, cwd=scratch, log_path=log_path, timeout_s=timeout_s,
+                                   should_cancel=should_cancel, on_start=on_start)
+        except subprocess.TimeoutExpired:
+            raise SegmenterFailed(f"nnU-Net did not finish within {timeout_s:g} s and was stopped",
+                                  fix="raise DOSEBENCH_NNUNET_TIMEOUT_S or use a GPU worker") from None
         if returncode != 0 or not target.is_file():
             raise _failure(returncode, log_path)
-        image = nib.load(str(target))
-        labels = np.asarray(image.dataobj)
-        if labels.shape != hu.shape or not np.allclose(image.affine, affine, atol=1e-3):
-            raise SegmenterFailed(f"nnU-Net returned a label map of shape {labels.shape} for a volume of shape "
-                                  f"{hu.shape} (or on another grid)",
-                                  fix="report this with the input volume's header and the model's plans.json")
-        unknown = sorted(set(np.unique(labels).tolist()) - set(table) - {0})
-        if unknown:
-            raise SegmenterFailed(f"nnU-Net returned label ids outside dataset.json's labels: {unknown[:10]}",
-                                  fix="check the model folder's dataset.json")
-        dtype = np.uint8 if max(table, default=0) <= 255 else np.uint16
-        return Segmentation(labels=np.ascontiguousarray(labels, dtype=dtype), table=dict(table))
+        return read_child_labels(target, hu, affine, table, who="nnU-Net",
+                                 grid_fix="report this with the input volume's header and the model's plans.json",
+                                 ids_problem="dataset.json's labels", ids_fix="check the model folder's dataset.json")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -234,6 +234,40 @@ def wait_for_child(process: subprocess.Popen, timeout_s: float | None,
                 raise
 
 
+def run_child(command: list[str], *, env: dict[str, str], cwd: Path, log_path: Path, timeout_s: float | None,
+              should_cancel: Callable[[], bool] | None = None,
+              on_start: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run a segmenter's child process in its own session, output to ``log_path``; return its exit code.
+
+    Its whole process group (nnU-Net's own workers too) is killed when it ends, on interrupt, on
+    cancel (:class:`Cancelled`) and past ``timeout_s`` (``subprocess.TimeoutExpired``, for the caller
+    to word)."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=cwd, start_new_session=True)
+        try:
+            if on_start is not None:
+                on_start(process)
+            return wait_for_child(process, timeout_s, should_cancel)
+        finally:
+            _kill_group(process)  # no orphan, whatever happened
+
+
+def read_child_labels(target: Path, hu: np.ndarray, affine: np.ndarray, table: dict[int, LabelInfo], *,
+                      who: str, grid_fix: str, ids_problem: str, ids_fix: str) -> Segmentation:
+    """The label map a child wrote, checked: on the input's grid, and only ids of ``table``."""
+    image = nib.load(str(target))
+    labels = np.asarray(image.dataobj)
+    if labels.shape != hu.shape or not np.allclose(image.affine, affine, atol=1e-3):
+        raise SegmenterFailed(f"{who} returned a label map of shape {labels.shape} for a volume of shape "
+                              f"{hu.shape} (or on another grid)", fix=grid_fix)
+    unknown = sorted(set(np.unique(labels).tolist()) - set(table) - {0})
+    if unknown:
+        raise SegmenterFailed(f"{who} returned label ids outside {ids_problem}: {unknown[:10]}", fix=ids_fix)
+    dtype = np.uint8 if max(table, default=0) <= 255 else np.uint16
+    return Segmentation(labels=np.ascontiguousarray(labels, dtype=dtype), table=dict(table))
+
+
 def run_totalsegmentator(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None,
                          *, mode: str, weights_dir: Path, device: str = "auto", timeout_s: float | None = None,
                          table: dict[int, LabelInfo] | None = None,
@@ -266,37 +300,19 @@ def run_totalsegmentator(hu: np.ndarray, spacing_mm: tuple[float, float, float],
         env.setdefault("nnUNet_def_n_proc", str(min(8, _usable_cpus())))
         command = [sys.executable, "-m", CHILD_MODULE, str(source), str(target), "--mode", mode,
                    "--weights", str(weights_dir), "--device", device]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, cwd=scratch, start_new_session=True)
-            try:
-                if on_start is not None:
-                    on_start(process)
-                returncode = wait_for_child(process, timeout_s, should_cancel)
-            except subprocess.TimeoutExpired:
-                _kill_group(process)
-                raise SegmenterFailed(
-                    f"TotalSegmentator did not finish within {timeout_s:g} s and was stopped",
-                    fix="raise DOSEBENCH_TOTALSEG_TIMEOUT_S, use a GPU worker, or use totalsegmentator:fast",
-                ) from None
-            except BaseException:
-                _kill_group(process)  # interrupted or cancelled: leave no orphan behind
-                raise
-            # nnU-Net's own workers must not outlive the call either
-            _kill_group(process)
+        try:
+            returncode = run_child(command, env=env, cwd=scratch, log_path=log_path, timeout_s=timeout_s,
+                                   should_cancel=should_cancel, on_start=on_start)
+        except subprocess.TimeoutExpired:
+            raise SegmenterFailed(
+                f"TotalSegmentator did not finish within {timeout_s:g} s and was stopped",
+                fix="raise DOSEBENCH_TOTALSEG_TIMEOUT_S, use a GPU worker, or use totalsegmentator:fast",
+            ) from None
         if returncode != 0 or not target.is_file():
             raise _failure(returncode, log_path, mode)
-        image = nib.load(str(target))
-        labels = np.asarray(image.dataobj)
-        if labels.shape != hu.shape or not np.allclose(image.affine, affine, atol=1e-3):
-            raise SegmenterFailed(f"TotalSegmentator returned a label map of shape {labels.shape} for a volume "
-                                  f"of shape {hu.shape} (or on another grid)",
-                                  fix="report this with the input volume's header")
-        unknown = sorted(set(np.unique(labels).tolist()) - set(table) - {0})
-        if unknown:
-            raise SegmenterFailed(f"TotalSegmentator returned label ids outside its table: {unknown[:10]}",
-                                  fix="check that the weights belong to TotalSegmentator 2.x's total task")
-        # 117 classes: uint8 holds every id
-        return Segmentation(labels=np.ascontiguousarray(labels, dtype=np.uint8), table=dict(table))
+        return read_child_labels(target, hu, affine, table, who="TotalSegmentator",
+                                 grid_fix="report this with the input volume's header",
+                                 ids_problem="its table",
+                                 ids_fix="check that the weights belong to TotalSegmentator 2.x's total task")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
