@@ -203,10 +203,20 @@ app.command("worker")(worker_command)
 app.command("beat")(beat_command)
 
 from .api.commands import serve_command, submit_command, token_app  # noqa: E402  (the REST gateway)
+from .core.cohort_cli import (  # noqa: E402  (cohorts, schedules, evaluation runs)
+    cohort_app,
+    evaluate_cohort_command,
+    schedule_app,
+    study_app,
+)
 
 app.command("serve")(serve_command)
 app.command("submit")(submit_command)
 app.add_typer(token_app, name="token")
+app.add_typer(study_app, name="study")
+app.add_typer(cohort_app, name="cohort")
+app.add_typer(schedule_app, name="schedule")
+app.command("evaluate-cohort")(evaluate_cohort_command)
 
 
 def main() -> None:

@@ -13,7 +13,11 @@ Output folder layout::
     metrics/per_label.csv         one row per dose x label (x reference)
     metrics/summary.json          median ± MAD per group and dose (summary.csv: the same as a table)
     metrics/image_quality.csv     HU bias and noise per dose, against the input
-    report.md                     the seed paper's Table 1 layout
+    metrics/metrics.json          every per-label row at full precision (non-finite values as null)
+    figures/dice_vs_dose.png ...  the figures (dice_vs_dose, figure1, noise_vs_dose), each with a .json
+                                  of the numbers it plots
+    report.md                     the seed paper's Table 1 layout, linking the figures
+    report.html                   the same report, self-contained (figures embedded)
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .core.doses import FULL_DOSE, dose_label
 from .core.errors import OutputError
 from .core.progress import NullProgress, ProgressSink
 from .core.protocol import Protocol
+from .reports.figures import FIGURE_NAMES
 from .stages import JobSpec, StageContext, validate_job
 
 
@@ -169,8 +174,16 @@ def run_study(request: RunRequest, progress: ProgressSink | None = None) -> RunR
         record["input"]["sha256"] = _sha256(Path(request.input_path))
         record["command"] = " ".join(sys.argv)
         (staging / "protocol.json").write_text(json.dumps(record, indent=2))
-        os.replace(evaluated["report.md"], staging / "report.md")
-        report = (staging / "report.md").read_text()
+        os.replace(evaluated["metrics.json"], staging / "metrics" / "metrics.json")
+        # the figures (PNG and the JSON of their numbers) in figures/; report.md links them there
+        (staging / "figures").mkdir()
+        report = Path(evaluated["report.md"]).read_text()
+        for name in FIGURE_NAMES:
+            for suffix in (".png", ".json"):
+                os.replace(evaluated[name + suffix], staging / "figures" / (name + suffix))
+            report = report.replace(f"]({name}.png)", f"](figures/{name}.png)")
+        (staging / "report.md").write_text(report)
+        os.replace(evaluated["report.html"], staging / "report.html")  # self-contained: images inline
         summary = json.loads((staging / "metrics" / "summary.json").read_text())
         shutil.rmtree(work)
         _publish(staging, request.out_dir)

@@ -36,6 +36,8 @@ from .core.protocol import Protocol
 from .core.units import mu_to_hu
 from .core.volume import Volume, load_label_map, load_volume, write_atomic_nifti
 from .reconstructor.wfbp import reconstruct
+from .reports import figures
+from .reports.html import render_html
 from .segmenter.backends import make_segmenter
 from .segmenter.labels import LabelInfo, Segmentation, table_from_json, table_to_json
 from .segmenter.metrics import aggregate, format_table1, format_table1_csv, per_label_metrics
@@ -332,21 +334,54 @@ def evaluate(spec: JobSpec, recon_urls: dict[float, str], seg_urls: dict[float, 
         "reference_segmentation": spec.reference_seg_url,
         "versions": versions,
     }
-    outputs = {
+    images = _figures(volume, recon_urls, labels, body, doses, summary["groups"], study)
+    report_md = _report(study, spec, geometry.number_of_views, doses, summary, rows, reference_rows, shared,
+                        quality_rows)
+    outputs: dict[str, str | bytes] = {
         "per_label.csv": _csv(rows + reference_rows, PER_LABEL_COLUMNS),
+        # every metric row at full precision (per_label.csv rounds to 6 decimals)
+        "metrics.json": json.dumps({"study": study, "non_finite": "written as null (HD95 is infinite when a "
+                                    "label is present in only one map)", "rows": [
+            {k: _finite_or_none(v) for k, v in r.items()} for r in rows + reference_rows]}, indent=1),
         "image_quality.csv": _csv(quality_rows, list(quality_rows[0])),
         "summary.json": json.dumps(summary, indent=2),
         "summary.csv": format_table1_csv(summary["groups"], doses),
         "protocol.json": json.dumps(record, indent=2),
-        "report.md": _report(study, spec, geometry.number_of_views, doses, summary, rows, reference_rows, shared,
-                             quality_rows),
+        "report.md": report_md,
+        **images,
+        "report.html": render_html(f"dosebench report: {study}", report_md,
+                                   {k: v for k, v in images.items() if k.endswith(".png")}),
     }
     urls = {}
-    for name, text in outputs.items():
+    for name, content in outputs.items():
         urls[name] = _join(out_url, name)
-        _write_bytes(urls[name], text.encode())
+        _write_bytes(urls[name], content if isinstance(content, bytes) else content.encode())
     context.progress.finish("evaluate")
     return urls
+
+
+def _figures(volume: Volume, recon_urls: dict[float, str], labels: dict[float, np.ndarray], body: np.ndarray,
+             doses: list[float], groups: dict, study: str) -> dict[str, bytes]:
+    """The job's figures as PNG, each with the numbers it plots as JSON beside it."""
+    recon = {d: volume.canonical_from_source(_read_nifti(recon_urls[d]).astype(np.float32)) for d in doses}
+    low = doses[0]  # the lowest dose: where the segmentations differ most
+    dice_data = figures.dice_vs_dose_data(groups, doses)
+    figure1 = figures.figure1_data(recon[FULL_DOSE], recon[low], labels[FULL_DOSE], labels[low], low)
+    noise = figures.noise_vs_dose_data(volume.hu, recon, figures.homogeneous_region(volume.hu, body))
+    return {
+        "dice_vs_dose.png": figures.dice_vs_dose_png(groups, doses, f"{study}: Dice against dose"),
+        "dice_vs_dose.json": json.dumps(dice_data, indent=1).encode(),
+        "figure1.png": figures.figure1_png(recon[FULL_DOSE], recon[low], labels[FULL_DOSE], labels[low], low,
+                                           figure1["slice_index"]),
+        "figure1.json": json.dumps(figure1, indent=1).encode(),
+        "noise_vs_dose.png": figures.noise_vs_dose_png(noise, f"{study}: image noise against dose"),
+        "noise_vs_dose.json": json.dumps(noise, indent=1).encode(),
+    }
+
+
+def _finite_or_none(value: object) -> object:
+    # JSON has no infinity or NaN
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
@@ -384,6 +419,14 @@ def _report(study: str, spec: JobSpec, n_views: int, doses: list[float], summary
     for (label, group), values in by_label.items():
         cells = [f"{values[d]:.3f}" if d in values else "–" for d in doses]
         lines.append(f"| {label} | {group} | " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", "",
+              "![Median Dice per group against dose; the band is median ± MAD](dice_vs_dose.png)", "",
+              f"![Figure 1: full dose and {round(doses[0] * 100):g} % dose, their segmentations and where they "
+              "differ (the axial slice with the most differing voxels)](figure1.png)", "",
+              "![Quantum noise (HU std) in a flat soft-tissue region of the input against dose, with the "
+              "1/√dose curve; the input's own texture, the same at every dose, is separated out by the "
+              "dose-reduction model (see noise_vs_dose.json)](noise_vs_dose.png)", "",
+              "The numbers behind each figure are in the JSON file of the same name."]
     lines += ["", "## Image quality (against the input CT, body voxels)", "",
               "| Dose | HU bias | HU error std |", "|---:|---:|---:|"]
     for q in sorted(quality_rows, key=lambda r: r["dose"]):

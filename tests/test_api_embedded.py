@@ -114,3 +114,79 @@ def test_serve_embedded_token_and_submit_commands(tmp_path: Path, cropped_ct: Pa
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_embedded_worker_fires_due_schedules_and_finalises_their_runs(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded process stands in for beat: a due schedule fires once (under the scheduler lease, so
+    not while another beat holds it), the worker thread runs the run's jobs (their input is missing, so
+    they fail fast), and the run is finalised as a regression naming the failed studies."""
+    import json
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from dosebench.core import cohorts, jobs, schedules
+    from dosebench.core.cohorts import EvaluationRequest
+    from dosebench.core.db import BeatLease, EvaluationJob, EvaluationRun, Job, Schedule, Stage, utcnow
+
+    monkeypatch.setenv("DOSEBENCH_DATABASE_URL", f"sqlite:///{tmp_path / 'dosebench.db'}")
+    monkeypatch.setenv("DOSEBENCH_STORAGE_URL", f"file://{tmp_path / 'storage'}")
+    monkeypatch.setenv("DOSEBENCH_BROKER_URL", "memory://")
+    monkeypatch.setenv("DOSEBENCH_SCHEDULE_POLL_INTERVAL_S", "0.1")
+    monkeypatch.setenv("DOSEBENCH_EVALUATION_INTERVAL_S", "0.2")
+    monkeypatch.setenv("DOSEBENCH_SCHEDULER_LEASE_S", "30")
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        db.upgrade_database(settings.database_url)
+        factory = db.session_factory(settings.database_url)
+        with factory() as session:
+            ids = [jobs.add_study(session, name=f"gone-{i}", input_uri=f"file://{tmp_path}/missing-{i}.nii.gz",
+                                  kind="nifti", checksum="0" * 64, bytes=1, header_summary={}).id for i in range(2)]
+            cohort = cohorts.create_cohort(session, "nightly", ids)
+            request = EvaluationRequest(protocol="tiny", doses=(0.5,), segmenter="threshold", seed=7)
+            # daily at 02:00 UTC, created two days ago: the missed firings coalesce into one, the latest
+            schedule = schedules.create_schedule(session, cohort, "0 2 * * *", request,
+                                                 now=utcnow() - timedelta(days=2))
+            schedule_id, expected_fire_time = schedule.id, schedules.due_fire_time(schedule, utcnow())
+            # another beat (of a service on the same database) holds the lease: this process must not fire
+            assert schedules.acquire_lease(session, schedules.SCHEDULER_LEASE, "other-beat", 600)
+
+        worker = EmbeddedWorker(settings).start()
+        try:
+            time.sleep(1.0)  # ten polls
+            with factory() as session:
+                assert session.scalars(select(EvaluationRun)).all() == []
+                schedules.release_lease(session, schedules.SCHEDULER_LEASE, "other-beat")
+            deadline = time.monotonic() + 60
+            while True:
+                with factory() as session:
+                    runs = session.scalars(select(EvaluationRun)).all()
+                if (runs and runs[0].state != "running") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            time.sleep(0.5)  # more polls: the same firing is not made twice
+            with factory() as session:
+                assert session.get(BeatLease, schedules.SCHEDULER_LEASE).holder == worker.lease_holder
+        finally:
+            worker.stop(timeout_s=30)
+
+        with factory() as session:
+            [run] = session.scalars(select(EvaluationRun)).all()
+            assert run.schedule_id == schedule_id and run.fire_time == expected_fire_time
+            assert session.get(Schedule, schedule_id).last_fire_time == expected_fire_time
+            assert run.state == "finished" and run.regression is True, (run.state, run.error)
+            assert run.counts["failed"] == 2 and run.counts["succeeded"] == 0
+            assert sorted(r.split(" ", 2)[1] for r in run.reasons) == ["gone-0", "gone-1"]
+            assert all(" failed: " in r for r in run.reasons)
+            # the jobs ran in this process: their first stage was claimed once and failed on the missing input
+            job_ids = list(session.scalars(select(EvaluationJob.job_id).where(EvaluationJob.run_id == run.id)))
+            assert len(job_ids) == 2 and {session.get(Job, j).state for j in job_ids} == {"failed"}
+            acquire = session.scalars(select(Stage).where(Stage.job_id.in_(job_ids), Stage.name == "acquire")).all()
+            assert [s.attempt for s in acquire] == [1, 1] and all(s.state == "failed" for s in acquire)
+            assert session.get(BeatLease, schedules.SCHEDULER_LEASE) is None  # released at stop
+        summary = json.loads((Path(run.report_uri.removeprefix("file://")) / "summary.json").read_text())
+        assert summary["regression"] is True and summary["reasons"] == run.reasons
+    finally:
+        get_settings.cache_clear()

@@ -267,6 +267,8 @@ def test_idempotency_key(client: TestClient, study_id: str, database: str) -> No
     ({"doses": []}, 422, "doses"),
     ({"protocol": "../../etc/passwd.yaml"}, 422, "unknown protocol"),
     ({"segmenter": "magic"}, 422, "unknown segmenter"),
+    ({"segmenter": "threshold?min_component_ml=-1"}, 422, "min_component_ml"),
+    ({"segmenter": "nnunet:"}, 422, "unknown segmenter"),
     ({"seed": -1}, 422, "seed"),
     ({"study_id": "no-such-study"}, 404, "does not exist"),
 ])
@@ -275,6 +277,21 @@ def test_bad_job_requests_store_nothing(client: TestClient, study_id: str, datab
     jobs, stages, queued = _count(database, Job), _count(database, Stage), len(enqueued)
     _assert_problem(client.post("/v1/jobs", json=_job_body(study_id, **overrides)), status, word)
     assert (_count(database, Job), _count(database, Stage), len(enqueued)) == (jobs, stages, queued)
+
+
+@pytest.mark.parametrize(("spec", "stored"), [
+    ("Threshold?min_component_ml=0", "threshold?min_component_ml=0"),
+    ("TotalSegmentator:fast", "totalsegmentator:fast"),
+    ("nnunet:/models/Dataset501_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres?fold=0", None),
+])
+def test_segmenter_specs_are_normalised_like_evaluation_runs(client: TestClient, study_id: str, database: str,
+                                                             spec: str, stored: str | None) -> None:
+    """The API takes every spec the segmenter backends know (options and nnU-Net folders included): the
+    model folder is checked where the model runs, and its path keeps its case."""
+    response = client.post("/v1/jobs", json=_job_body(study_id, segmenter=spec, seed=4242))
+    assert response.status_code == 202, response.text
+    with db.session_factory(database)() as session:
+        assert session.get(Job, response.json()["id"]).segmenter == (stored or spec)
 
 
 def test_list_jobs_filters_and_paging(client: TestClient, study_id: str) -> None:

@@ -26,6 +26,9 @@ EXPECTED_FILES = {
     "metrics/summary.json",
     "metrics/summary.csv",
     "metrics/image_quality.csv",
+    "metrics/metrics.json",
+    "report.html",
+    *(f"figures/{name}.{suffix}" for name in ("dice_vs_dose", "figure1", "noise_vs_dose") for suffix in ("png", "json")),
 }
 PER_LABEL_COLUMNS = {"dose", "group", "label", "dice", "reference_voxels", "test_voxels"}
 

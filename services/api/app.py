@@ -1,7 +1,8 @@
 """The REST gateway (v1): studies, jobs, metrics, artifacts, health; OpenAPI at ``/docs``.
 
 Every endpoint but ``/v1/healthz`` needs ``Authorization: Bearer <token>`` (tokens from
-``dosebench token create NAME``; the database keeps only their SHA-256). Every error is an
+``dosebench token create NAME``; the database keeps only their SHA-256), or the dashboard's login cookie
+in its place (:mod:`dosebench.api.dashboard`). Every error is an
 ``application/problem+json`` document (:mod:`dosebench.api.problems`).
 
 The API writes rows and enqueues work; it runs no science itself, apart from loading an uploaded
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import fsspec
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Cookie, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,9 +32,11 @@ from ..core.doses import validate_dose_fraction
 from ..core.errors import InputError
 from ..core.protocol import builtin_protocol_names, load_protocol
 from ..core.settings import Settings, get_settings
-from ..segmenter.backends import KNOWN_SPECS
+from ..segmenter.backends import KNOWN_SPECS, NNUNET_SPEC, normalise_spec
 from ..segmenter.metrics import aggregate
 from . import uploads, views
+from .cohorts import register_cohort_routes
+from .dashboard import TOKEN_COOKIE, list_fingerprint, register_dashboard
 from .problems import Problem, install_problem_handlers
 from .tokens import bearer_token, hash_token
 
@@ -54,12 +57,20 @@ class JobRequest(BaseModel):
     doses: list[float] = Field(min_length=1, max_length=32,
                                description="dose fractions in (0, 1]; 1.0 (the reference) is always added")
     protocol: str = Field(default="demo", description="a built-in protocol name (demo, paper, tiny)")
-    segmenter: str = Field(default="threshold", description=f"one of {', '.join(KNOWN_SPECS)}")
+    segmenter: str = Field(default="threshold", description=f"one of {', '.join(KNOWN_SPECS)}, "
+                           f"threshold?min_component_ml=X, or {NNUNET_SPEC} (a folder on the segmenter workers)")
     seed: int = Field(default=7, ge=0, le=2**63 - 1)
 
 
 def _storage_join(base: str, key: str) -> str:
     return f"{base.rstrip('/')}/{key}"
+
+
+def _spec_or_none(spec: str) -> str | None:
+    try:
+        return normalise_spec(spec)
+    except InputError:
+        return None
 
 
 def create_app(settings: Settings | None = None, *,
@@ -107,8 +118,11 @@ def create_app(settings: Settings | None = None, *,
     SessionDep = Annotated[Session, Depends(get_session)]
 
     def authenticate(session: SessionDep,
-                     authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
-        token = bearer_token(authorization)
+                     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+                     cookie_token: Annotated[str | None, Cookie(alias=TOKEN_COOKIE, include_in_schema=False)] = None
+                     ) -> str:
+        # the dashboard's login cookie (HttpOnly, SameSite=Strict) is the browser's alternative to the header
+        token = bearer_token(authorization) if authorization is not None else (cookie_token or None)
         challenge = {"WWW-Authenticate": 'Bearer realm="dosebench"'}
         if token is None:
             raise Problem(401, "this endpoint needs an API token: send 'Authorization: Bearer <token>'",
@@ -133,11 +147,12 @@ def create_app(settings: Settings | None = None, *,
     User = Annotated[str, Depends(authenticate)]
 
     def authenticate_briefly(
-            authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> str:
+            authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+            cookie_token: Annotated[str | None, Cookie(alias=TOKEN_COOKIE, include_in_schema=False)] = None) -> str:
         """For long requests (uploads): the token check in its own session, so that no database
         connection is held while the body streams in."""
         with sessions() as session:
-            return authenticate(session, authorization)
+            return authenticate(session, authorization, cookie_token)
 
     Uploader = Annotated[str, Depends(authenticate_briefly)]
 
@@ -225,13 +240,12 @@ def create_app(settings: Settings | None = None, *,
         if body.protocol not in builtin_protocol_names():
             raise InputError(f"unknown protocol {body.protocol!r}",
                              fix=f"use one of {', '.join(builtin_protocol_names())}")
-        if body.segmenter.strip().lower() not in KNOWN_SPECS:
-            raise InputError(f"unknown segmenter {body.segmenter!r}", fix=f"use one of {', '.join(KNOWN_SPECS)}")
+        segmenter = normalise_spec(body.segmenter)
         study = session.get(Study, body.study_id)
         if study is None:
             raise Problem(404, f"study {body.study_id} does not exist", fix="upload it first with POST /v1/studies")
         spec = JobSpec(input_url=study.input_uri, doses=doses, protocol=load_protocol(body.protocol),
-                       segmenter=body.segmenter.strip().lower(), seed=body.seed, study=study.name)
+                       segmenter=segmenter, seed=body.seed, study=study.name)
         # create_job commits, and on a concurrent insert of the same key returns the winner's job
         job = job_model.create_job(session, study, spec, requested_by=user, idempotency_key=idempotency_key)
         _enqueue(job.id)
@@ -246,14 +260,17 @@ def create_app(settings: Settings | None = None, *,
         except InputError:
             doses = None
         same = (job.study_id == body.study_id and job.protocol_name == body.protocol
-                and job.segmenter == body.segmenter.strip().lower() and int(job.seed) == body.seed
+                and job.segmenter == _spec_or_none(body.segmenter) and int(job.seed) == body.seed
                 and doses is not None and sorted(job.doses, reverse=True) == doses)
         if not same:
             raise Problem(409, f"Idempotency-Key {key!r} was already used for job {job.id} with other parameters",
                           fix="use a new Idempotency-Key for a different request", job_id=job.id)
 
-    @app.get("/v1/jobs", tags=["jobs"], summary="List jobs (filters, paging, updated_since for polling)")
-    def list_jobs(session: SessionDep, user: User,
+    @app.get("/v1/jobs", tags=["jobs"], summary="List jobs (filters, paging, updated_since for polling)",
+             description="Sends an ETag; a request whose If-None-Match holds it is answered 304 with no body "
+                         "after one aggregate query, so an idle poll costs little.")
+    def list_jobs(session: SessionDep, user: User, request: Request, response: Response,
+                  stages: Annotated[bool, Query(description="include each job's stages and progress")] = False,
                   state: Annotated[str | None, Query(description=f"one of {', '.join(db.STATES)}")] = None,
                   study_id: str | None = None,
                   updated_since: Annotated[datetime | None, Query(
@@ -262,6 +279,7 @@ def create_app(settings: Settings | None = None, *,
                   offset: Annotated[int, Query(ge=0)] = 0) -> dict:
         if state is not None and state not in db.STATES:
             raise InputError(f"unknown state {state!r}", fix=f"use one of {', '.join(db.STATES)}")
+        server_time = db.utcnow()  # before the query: a job updated meanwhile is in the next poll's answer
         query = select(Job)
         if state is not None:
             query = query.where(Job.state == state)
@@ -271,12 +289,23 @@ def create_app(settings: Settings | None = None, *,
             if updated_since.tzinfo is None:
                 raise InputError("updated_since has no time zone", fix="give e.g. 2026-12-01T12:00:00Z")
             query = query.where(Job.updated_at > updated_since)
-        total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-        rows = session.execute(query.order_by(Job.updated_at.desc(), Job.id).limit(limit).offset(offset)).scalars()
-        jobs = [views.job_view(job) for job in rows]
+        # every change of a job or its stages bumps Job.updated_at, so (count, newest update) of the
+        # filtered set changes whenever any answer would
+        filtered = query.subquery()
+        total, newest = session.execute(select(func.count(), func.max(filtered.c.updated_at))).one()
+        etag = list_fingerprint(total, newest, str(request.query_params))
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
+        response.headers["ETag"] = etag
+        response.headers["Cache-Control"] = "no-cache"
+        query = query.order_by(Job.updated_at.desc(), Job.id).limit(limit).offset(offset)
+        if stages:
+            query = query.options(joinedload(Job.stages))
+        rows = session.execute(query).unique().scalars()
+        jobs = [views.job_view(job, list(job.stages) if stages else None) for job in rows]
         return {"jobs": jobs, "total": total, "limit": limit, "offset": offset,
                 "next_offset": offset + len(jobs) if offset + len(jobs) < total else None,
-                "server_time": db.utcnow().isoformat()}
+                "server_time": server_time.isoformat()}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], summary="A job: state, each stage's progress, timings")
     def get_job(job_id: str, session: SessionDep, user: User) -> dict:
@@ -389,6 +418,8 @@ def create_app(settings: Settings | None = None, *,
         return JSONResponse({"status": "ok" if healthy else "error", "components": components},
                             status_code=200 if healthy else 503)
 
+    register_dashboard(app, settings=settings, sessions=sessions, authenticate=authenticate)
+    register_cohort_routes(app, settings=settings, session_dep=SessionDep, user_dep=User, enqueue=_enqueue)
     return app
 
 

@@ -7,6 +7,14 @@ stages to :func:`dosebench.core.celery_app.enqueue`, this process routes them on
 queue instead, so nothing is ever sent to a broker. Stages run one at a time, in submission order. At
 start the thread re-queues the ready stages of unfinished jobs (a restarted server resumes), and every
 ``reaper_interval_s`` it runs the same stale-heartbeat reaper as the service's beat task.
+
+A second thread stands in for Celery beat: every ``schedule_poll_interval_s`` it fires the due cron
+schedules (:func:`dosebench.core.celery_app.fire_schedules_once`, under the same scheduler lease, so a
+beat of the service on the same database and this thread never both fire), and every
+``evaluation_interval_s`` it finalises the evaluation runs whose jobs have all ended
+(:func:`dosebench.core.celery_app.evaluations_once`). The jobs they create come to the worker thread
+through the same routed ``enqueue``. It runs apart from the worker thread so that a firing is on time
+even while a long stage runs.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
+import time
+import uuid
 from pathlib import Path
 
 from ..core.settings import Settings, get_settings
@@ -41,12 +52,18 @@ def embedded_settings(home: Path) -> Settings:
 
 
 class EmbeddedWorker:
-    """One thread running queued stages with ``run_stage``; ``enqueue_job`` is the API's enqueue."""
+    """One thread running queued stages with ``run_stage``; ``enqueue_job`` is the API's enqueue. With
+    ``beat`` (the default) a second thread fires due schedules and finalises evaluation runs."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, beat: bool = True) -> None:
         self.settings = settings
         self._queue: queue.Queue[tuple[int, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="dosebench-embedded-worker", daemon=True)
+        self._stopping = threading.Event()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="dosebench-embedded-beat",
+                                             daemon=True) if beat else None
+        #: who holds the scheduler lease while this process fires schedules
+        self.lease_holder = f"embedded:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # what the API calls after create_job / retry_job
     def enqueue_job(self, job_id: str) -> None:
@@ -71,15 +88,63 @@ class EmbeddedWorker:
         celery_app.enqueue = self.enqueue_stages  # run_stage looks it up at call time
         self._resume()
         self._thread.start()
+        if self._beat_thread is not None:
+            self._beat_thread.start()
         return self
 
     def stop(self, timeout_s: float | None = None) -> None:
         from ..core import celery_app
 
+        self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout_s)
+        if self._beat_thread is not None:
+            if self._beat_thread.is_alive():
+                self._beat_thread.join(timeout_s)
+            self._release_lease()
         if celery_app.enqueue == self.enqueue_stages:
             celery_app.enqueue = self._original_enqueue
+
+    def _fire_schedules(self) -> list[str]:
+        from ..core.celery_app import fire_schedules_once
+
+        return fire_schedules_once(self.settings, self.lease_holder)
+
+    def _finalise_runs(self) -> list[str]:
+        from ..core.celery_app import evaluations_once
+
+        return evaluations_once(self.settings)
+
+    def _release_lease(self) -> None:
+        from ..core import schedules
+        from ..core.db import session_factory
+
+        try:
+            with session_factory(self.settings.database_url)() as session:
+                schedules.release_lease(session, schedules.SCHEDULER_LEASE, self.lease_holder)
+        except Exception:  # noqa: BLE001 - the lease expires on its own
+            log.exception("could not release the scheduler lease")
+
+    def _beat_loop(self) -> None:
+        # both at once at start: a firing missed while the server was down is made now (coalesced)
+        next_fire = next_finalise = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_fire:
+                next_fire = now + self.settings.schedule_poll_interval_s
+                try:
+                    fired = self._fire_schedules()
+                    if fired:
+                        log.info("schedules fired evaluation runs %s", ", ".join(fired))
+                except Exception:  # noqa: BLE001 - the database may be busy a moment: try at the next poll
+                    log.exception("firing the evaluation schedules failed")
+            if now >= next_finalise:
+                next_finalise = now + self.settings.evaluation_interval_s
+                try:
+                    self._finalise_runs()
+                except Exception:  # noqa: BLE001
+                    log.exception("finalising evaluation runs failed")
+            self._stopping.wait(max(min(next_fire, next_finalise) - time.monotonic(), 0.05))
 
     def _resume(self) -> None:
         from sqlalchemy import select

@@ -10,6 +10,12 @@ Public API:
     enqueue(stages)            send the task of each Stage (by id)
     enqueue_ready(job_id, settings=None) -> list[int]   after create_job / retry_job: send what is ready
     reap_once(settings=None) -> list[int]               one reaper pass (what the beat task ``reap`` runs)
+    evaluations_once(settings=None) -> list[str]        finalise evaluation runs whose jobs have all ended
+                                                        (what the beat task ``evaluations`` runs)
+    fire_schedules_once(settings, holder) -> list[str]  fire the due schedules if ``holder`` gets the
+                                                        scheduler lease (what beat's scheduler does)
+    DosebenchScheduler                                  beat's scheduler: Celery's, plus the database's
+                                                        cron schedules (dosebench.core.schedules)
 
 Delivery: tasks are acknowledged late and rejected (re-queued) when their worker process dies, one
 message is prefetched at a time, and Redis redelivers an unacknowledged message after
@@ -21,9 +27,11 @@ periodic ``reap`` task re-queues it (or fails it once ``max_attempts`` are spent
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from celery import Celery
+from celery.beat import PersistentScheduler
 from kombu import Exchange, Queue
 from kombu import pools as kombu_pools
 
@@ -37,8 +45,10 @@ TASK_QUEUES = {
     "dosebench.segment": "segment",
     "dosebench.evaluate": "evaluate",
     "dosebench.reap": "evaluate",
+    "dosebench.evaluations": "evaluate",
 }
 GPU_QUEUES = ("reconstruct", "segment")
+logger = logging.getLogger(__name__)
 TASK_MODULES = ["dosebench.simulator.tasks", "dosebench.reconstructor.tasks", "dosebench.segmenter.tasks"]
 
 
@@ -73,7 +83,11 @@ def celery_config(settings: Settings) -> dict:
         "task_annotations": annotations,
         # a reap message not run within one interval is dropped: the next one does the same work
         "beat_schedule": {"reap": {"task": "dosebench.reap", "schedule": settings.reaper_interval_s,
-                                   "options": {"expires": settings.reaper_interval_s}}},
+                                   "options": {"expires": settings.reaper_interval_s}},
+                          "evaluations": {"task": "dosebench.evaluations", "schedule": settings.evaluation_interval_s,
+                                          "options": {"expires": settings.evaluation_interval_s}}},
+        # beat also fires the cron schedules stored in the database (one run per firing)
+        "beat_scheduler": "dosebench.core.celery_app:DosebenchScheduler",
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
     }
@@ -131,3 +145,71 @@ def reap_once(settings: Settings | None = None) -> list[int]:
 @app.task(name="dosebench.reap")
 def reap() -> list[int]:
     return reap_once()
+
+
+def evaluations_once(settings: Settings | None = None) -> list[str]:
+    """Finalise the evaluation runs whose jobs have all ended (and create jobs a run lacks)."""
+    from . import cohorts
+    from .db import session_factory
+
+    settings = settings or get_settings()
+    with session_factory(settings.database_url)() as session:
+        return cohorts.advance_runs(session, settings.storage_url, lambda job_id: enqueue_ready(job_id, settings),
+                                    settings.webhook_timeout_s)
+
+
+@app.task(name="dosebench.evaluations")
+def evaluations() -> list[str]:
+    return evaluations_once()
+
+
+def fire_schedules_once(settings: Settings, holder: str) -> list[str]:
+    """If ``holder`` takes (or keeps) the scheduler lease: start a run for every due schedule."""
+    from . import schedules
+    from .db import session_factory, utcnow
+
+    with session_factory(settings.database_url)() as session:
+        if not schedules.acquire_lease(session, schedules.SCHEDULER_LEASE, holder, settings.scheduler_lease_s):
+            return []
+        return schedules.fire_due(session, utcnow(), lambda job_id: enqueue_ready(job_id, settings),
+                                  settings.regression_threshold)
+
+
+class DosebenchScheduler(PersistentScheduler):
+    """Celery beat's scheduler plus the database's cron schedules: every ``schedule_poll_interval_s`` it
+    fires what is due, if it holds the scheduler lease. Run one beat; a second one stays idle (and the
+    unique (schedule, fire time) of a run would refuse its duplicates anyway)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import os
+        import socket
+        import uuid
+
+        super().__init__(*args, **kwargs)
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._next_poll = 0.0
+
+    def tick(self, *args, **kwargs) -> float:
+        import time
+
+        remaining = super().tick(*args, **kwargs)
+        settings = get_settings()
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + settings.schedule_poll_interval_s
+            try:
+                fire_schedules_once(settings, self._holder)
+            except Exception:  # the database may be down a moment: beat goes on, and tries again
+                logger.exception("firing the evaluation schedules failed")
+        return min(remaining, max(self._next_poll - time.monotonic(), 0.05))
+
+    def close(self) -> None:
+        from . import schedules
+        from .db import session_factory
+
+        try:
+            with session_factory(get_settings().database_url)() as session:
+                schedules.release_lease(session, schedules.SCHEDULER_LEASE, self._holder)
+        except Exception:  # noqa: BLE001 - the lease expires on its own
+            logger.exception("could not release the scheduler lease")
+        super().close()

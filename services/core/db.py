@@ -3,6 +3,10 @@
 Public API:
     Base                            declarative base (``Base.metadata`` is what the migrations create)
     Study, Job, Stage, Artifact, Metric, ApiToken    the models
+    Cohort, CohortStudy, EvaluationRun, EvaluationJob, Schedule, BeatLease    cohorts, evaluation
+                                    runs over them, their cron schedules and the beat's lease
+                                    (the logic: dosebench.core.cohorts and dosebench.core.schedules)
+    FINISHED, ERROR                 evaluation run states besides RUNNING
     QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, STATES, TERMINAL_STATES    job and stage states
     utcnow()                        timezone-aware UTC now (what every timestamp column holds)
     make_engine(url)                a new Engine (SQLite: foreign keys on, usable across threads)
@@ -46,6 +50,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+#: an evaluation run is RUNNING until its Table 1 is stored (FINISHED) or it cannot be (ERROR)
+FINISHED, ERROR = "finished", "error"
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -196,6 +202,105 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Cohort(Base):
+    """A named set of studies that is evaluated together."""
+
+    __tablename__ = "cohorts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class CohortStudy(Base):
+    __tablename__ = "cohort_studies"
+
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohorts.id", ondelete="CASCADE"), primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True, index=True)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Schedule(Base):
+    """A cron schedule (UTC) that starts an evaluation run of a cohort at each firing."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohorts.id"), index=True)
+    cron: Mapped[str] = mapped_column(String(255))  # 5 fields, or 6 with seconds last
+    protocol_name: Mapped[str] = mapped_column(String(255))
+    doses: Mapped[list] = mapped_column(JSON)
+    segmenter: Mapped[str] = mapped_column(String(255))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    regression_threshold: Mapped[float] = mapped_column(Float)  # allowed drop of a median Dice
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # fire times are counted from here: the creation time, then each fire time handled
+    last_fire_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class EvaluationRun(Base):
+    """One cohort x protocol x doses x segmenter x seed: a job per study, then Table 1 over the cohort.
+
+    ``(schedule_id, fire_time)`` is unique: whoever fires a schedule, a firing makes one run (manual runs
+    have both NULL, which a unique constraint never compares equal)."""
+
+    __tablename__ = "evaluation_runs"
+    __table_args__ = (UniqueConstraint("schedule_id", "fire_time"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    cohort_id: Mapped[str] = mapped_column(ForeignKey("cohorts.id"), index=True)
+    schedule_id: Mapped[str | None] = mapped_column(ForeignKey("schedules.id", ondelete="SET NULL"),
+                                                    nullable=True, index=True)
+    fire_time: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    protocol_name: Mapped[str] = mapped_column(String(255))
+    protocol_sha256: Mapped[str] = mapped_column(String(64))  # of the protocol's canonical JSON
+    doses: Mapped[list] = mapped_column(JSON)  # descending, 1.0 included (as JobSpec stores them)
+    doses_key: Mapped[str] = mapped_column(String(255))  # "0.50,1.00": compares runs in SQL
+    segmenter: Mapped[str] = mapped_column(String(255))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    study_ids: Mapped[list] = mapped_column(JSON)  # the cohort when the run started
+    regression_threshold: Mapped[float] = mapped_column(Float)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default=RUNNING, index=True)  # running|finished|error
+    regression: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # None until finished
+    reasons: Mapped[list] = mapped_column(JSON, default=list)
+    previous_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    table1: Mapped[dict] = mapped_column(JSON, default=dict)  # {reference: aggregate(...)}
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)  # studies, labels, failed studies
+    versions: Mapped[dict] = mapped_column(JSON, default=dict)  # dosebench, weights, protocol
+    report_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_status: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    requested_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class EvaluationJob(Base):
+    """The job of one study in an evaluation run."""
+
+    __tablename__ = "evaluation_jobs"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("evaluation_runs.id", ondelete="CASCADE"), primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+
+
+class BeatLease(Base):
+    """A named lease with an expiry: whoever holds ``scheduler`` fires the schedules."""
+
+    __tablename__ = "beat_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 def make_engine(url: str) -> Engine:

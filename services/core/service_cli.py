@@ -63,7 +63,7 @@ def worker_command(
     queues: Annotated[str, typer.Option(help="comma-separated queues to serve: " + ", ".join(QUEUES))] = ",".join(QUEUES),
     concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     pool: Annotated[str, typer.Option(help="celery pool: prefork or solo")] = "prefork",
-    beat: Annotated[bool, typer.Option(help="also run the periodic reaper in this worker (one per system)")] = False,
+    beat: Annotated[bool, typer.Option(help="also run beat (reaper, schedules) in this worker")] = False,
     loglevel: Annotated[str, typer.Option(help="log level")] = "info",
     name: Annotated[str | None, typer.Option(help="node name (default dosebench-<pid>@<host>)")] = None,
 ) -> None:
@@ -82,7 +82,9 @@ def beat_command(
     schedule: Annotated[str, typer.Option(help="celery beat's schedule file")] = ".dosebench-beat-schedule",
     loglevel: Annotated[str, typer.Option(help="log level")] = "info",
 ) -> None:
-    """Run the periodic reaper (re-queues or fails stages whose heartbeat went stale). Run one."""
+    """Run the periodic tasks: the reaper (re-queues or fails stages whose heartbeat went stale), the
+    stored cohort schedules (`dosebench schedule create`) and the finalising of evaluation runs. Run one;
+    a second one is harmless (a database lease and a unique firing key make each firing happen once)."""
     from .celery_app import app
 
     app.start(["beat", "--loglevel", loglevel, "--schedule", schedule])

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_s: float = Field(default=30, gt=0)
 
+    #: evaluation runs (dosebench.core.cohorts): the largest drop of a group's median Dice (at any dose)
+    #: against the previous run that is not yet a regression
+    regression_threshold: float = Field(default=0.005, ge=0)
+    #: how often the beat task finalises evaluation runs whose jobs have all ended
+    evaluation_interval_s: float = Field(default=15, gt=0)
+    #: how often beat looks for schedules that are due (the finest cron step it can honour)
+    schedule_poll_interval_s: float = Field(default=5, gt=0)
+    #: the scheduler lease: the beat holding it fires the schedules; another takes over after this long
+    scheduler_lease_s: float = Field(default=60, gt=0)
+    #: a webhook POST gives up after this long (a failure is logged and recorded, never fatal)
+    webhook_timeout_s: float = Field(default=5, gt=0)
+
     def time_limits(self, queue: str) -> tuple[float, float]:
         """(soft, hard) seconds of ``queue``."""
         if queue not in QUEUES:
@@ -70,6 +82,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"DOSEBENCH_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g}) must exceed "
                                  f"the {queue} hard time limit ({hard:g}): Redis would deliver a running "
                                  "task a second time")
+        if self.scheduler_lease_s <= self.schedule_poll_interval_s:
+            raise ValueError(f"DOSEBENCH_SCHEDULER_LEASE_S ({self.scheduler_lease_s:g}) must exceed "
+                             f"DOSEBENCH_SCHEDULE_POLL_INTERVAL_S ({self.schedule_poll_interval_s:g}): the "
+                             "beat holding the lease renews it at every poll")
         if self.stale_after_s <= self.heartbeat_interval_s:
             raise ValueError(f"DOSEBENCH_STALE_AFTER_S ({self.stale_after_s:g}) must exceed "
                              f"DOSEBENCH_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})")

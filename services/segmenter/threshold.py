@@ -16,7 +16,8 @@ that tile the axis without gaps::
 Body mask: HU > -500, the largest 3D connected component, holes filled slice by slice (axial slices,
 axis 2), a binary closing with a small ball, and the slice-wise hole filling again (the closing can seal
 a gap that kept a cavity open). Clean-up: every connected component of lung, fat, soft tissue or bone
-smaller than :data:`MIN_COMPONENT_ML` becomes ``body``.
+smaller than :data:`MIN_COMPONENT_ML` becomes ``body`` (the spec ``threshold?min_component_ml=X`` sets
+another size; 0 keeps every speck, a deliberately noisier baseline).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ _SLICE_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
 _SLICE_CONNECTIVITY[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 
 
-def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Segmentation:
+def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float],
+                      min_component_ml: float = MIN_COMPONENT_ML) -> Segmentation:
     """Segment a CT volume into body, lung, fat, soft tissue and bone by HU thresholds.
 
     Parameters
@@ -99,6 +101,9 @@ def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float]) ->
         3D CT volume in HU (float32; other real dtypes are converted), axis 2 = axial slice index.
     spacing_mm : tuple[float, float, float]
         Voxel size along the three axes (mm).
+    min_component_ml : float
+        Tissue components smaller than this (ml) become ``body``; 0 turns the clean-up off, so
+        isolated noise specks keep their class (the spec ``threshold?min_component_ml=0``).
 
     Returns
     -------
@@ -108,7 +113,8 @@ def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float]) ->
     Raises
     ------
     InputError
-        If ``hu`` is not a finite 3D array or ``spacing_mm`` is not three positive numbers.
+        If ``hu`` is not a finite 3D array, ``spacing_mm`` is not three positive numbers, or
+        ``min_component_ml`` is negative or not finite.
 
     Notes
     -----
@@ -123,6 +129,8 @@ def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float]) ->
     spacing = tuple(float(s) for s in spacing_mm)
     if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InputError(f"bad voxel spacing {spacing_mm!r}", fix="give three positive sizes in mm")
+    if not (math.isfinite(min_component_ml) and min_component_ml >= 0):
+        raise InputError(f"min_component_ml {min_component_ml!r} is not a size", fix="give a size >= 0 in ml")
     hu = hu.astype(np.float32, copy=False)
     if not np.isfinite(hu).all():
         raise InputError("HU volume contains NaN or infinite values", fix="replace them before segmenting")
@@ -136,7 +144,8 @@ def threshold_segment(hu: np.ndarray, spacing_mm: tuple[float, float, float]) ->
     labels = _CLASS_OF_INTERVAL[interval]
     labels[~body] = 0
 
-    _reassign_small_components(labels, spacing)
+    if min_component_ml > 0:
+        _reassign_small_components(labels, spacing, min_component_ml)
     return Segmentation(labels=labels, table=dict(THRESHOLD_TABLE))
 
 
@@ -168,10 +177,11 @@ def _ellipsoid(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndar
     return sum((g / h) ** 2 for g, h in zip(grids, half, strict=True)) <= 1.0
 
 
-def _reassign_small_components(labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
-    """Set tissue components smaller than :data:`MIN_COMPONENT_ML` to ``body``, in place."""
+def _reassign_small_components(labels: np.ndarray, spacing: tuple[float, float, float],
+                               min_component_ml: float = MIN_COMPONENT_ML) -> None:
+    """Set tissue components smaller than ``min_component_ml`` to ``body``, in place."""
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    min_voxels = math.ceil(MIN_COMPONENT_ML / voxel_ml - 1e-9)  # tolerance: 0.5 ml of 0.125 ml voxels is 4
+    min_voxels = math.ceil(min_component_ml / voxel_ml - 1e-9)  # tolerance: 0.5 ml of 0.125 ml voxels is 4
     # Each class's components come from the map before any reassignment, and reassignment only
     # ever writes ``body``, so the order of the classes does not matter.
     small = np.zeros(labels.shape, dtype=bool)
