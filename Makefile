@@ -41,6 +41,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.projector --views 16
 	$(PY) -m benchmarks.backprojector
 	$(PY) -m benchmarks.api_latency
+	$(PY) -m benchmarks.cohort_evaluation
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check services tests benchmarks

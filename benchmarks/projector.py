@@ -8,9 +8,10 @@
    Both are charged the same sample count per ray (the Joseph count), so the ratio is a ratio of rays/s.
 2. The paper protocol (``paper.yaml``): full-dose acquisition plus one dose's line integrals through the
    projection stores, on a synthetic water + bone phantom (512 x 512 x ``--slices`` voxels at 0.8 mm):
-   wall time and peak memory. By default only the first ``--views`` views are simulated and the time is
+   the forward projection's time and the whole simulation's, per view, per turn and for the whole helix,
+   and peak memory. By default only the first ``--views`` views are simulated and the time is
    extrapolated linearly to the whole helix (the projector's cost per view is constant); ``--full``
-   simulates them all.
+   simulates them all. It runs first, so that the process' peak RSS is its own.
 
 Figures are printed, never asserted.
 """
@@ -39,13 +40,21 @@ INSTALL_HINT = f"python -m pip install diffct=={DIFFCT_VERSION}   (or: make benc
 
 
 def best_of(runs: int, function, *args, **kwargs) -> float:
+    """Best wall time of ``runs`` calls after a warm-up call."""
+    return best_of_timed(runs, function, *args, **kwargs)[0]
+
+
+def best_of_timed(runs: int, function, *args, **kwargs) -> tuple[float, float]:
+    """Best wall time and best CPU time (all threads) of ``runs`` calls after a warm-up call. On a
+    shared machine the CPU time is the steadier figure: other processes lengthen the wall time."""
     function(*args, **kwargs)  # warm-up: numba compiles / loads its cache, torch allocates
-    times = []
+    walls, cpus = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         function(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
 
 
 def peak_rss_mb() -> float:
@@ -104,24 +113,36 @@ def diffct_project(mu: np.ndarray, spacing, geometry: HelicalGeometry, views: ra
     return run
 
 
-def throughput() -> None:
+def throughput(torch_views: int = 4) -> None:
+    """Samples per second of each projector on :func:`comparison_case`, and the ratio to diffct.
+
+    dosebench's numba projector is timed as the best of three runs over the 24 views; the two torch
+    CPU projectors (two orders of magnitude slower) once after a warm-up call: dosebench's torch one
+    over ``torch_views`` views (its cost is linear in the views), diffct over the same 24 views. Wall
+    and CPU time (all threads) are both printed, and both ratios: on a shared machine the CPU-time
+    ratio is the steadier one.
+    """
+    import os
+
     import numba
     import torch
 
     mu, spacing, geometry, views = comparison_case()
-    rays = len(views) * geometry.detector_rows * geometry.detector_columns
     planes = max(mu.shape[0], mu.shape[1])
-    samples = rays * planes
+    rays_per_view = geometry.detector_rows * geometry.detector_columns
+    rays = len(views) * rays_per_view
     print(f"## projector throughput (CPU: numba {numba.get_num_threads()} threads, "
-          f"torch {torch.get_num_threads()} threads)")
+          f"torch {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f})")
     print(f"volume {mu.shape} at {spacing} mm; flat-detector helix {geometry.detector_rows} x "
-          f"{geometry.detector_columns}, {len(views)} views: {rays} rays x {planes} planes = {samples / 1e6:.0f} M samples")
-    rows = []
-    seconds = best_of(3, forward_project, mu, spacing, geometry, views, backend="numba")
-    rows.append(("dosebench numba (Joseph)", seconds))
+          f"{geometry.detector_columns}, {len(views)} views: {rays} rays x {planes} planes = "
+          f"{rays * planes / 1e6:.0f} M samples")
+    rows: list[tuple[str, float, float, int]] = []  # name, wall s, CPU s, rays
+    wall, cpu = best_of_timed(3, forward_project, mu, spacing, geometry, views, backend="numba")
+    rows.append(("dosebench numba (Joseph)", wall, cpu, rays))
     reference = forward_project(mu, spacing, geometry, views, backend="numba")
-    seconds = best_of(1, forward_project, mu, spacing, geometry, views, backend="torch")
-    rows.append(("dosebench torch CPU (Joseph)", seconds))
+    few = range(views.start, views.start + torch_views)
+    wall, cpu = best_of_timed(1, forward_project, mu, spacing, geometry, few, backend="torch")
+    rows.append((f"dosebench torch CPU (Joseph, {torch_views} views)", wall, cpu, torch_views * rays_per_view))
     try:
         import diffct
     except ImportError:
@@ -130,17 +151,24 @@ def throughput() -> None:
     if diffct is not None:
         if diffct.__version__ != DIFFCT_VERSION:
             print(f"note: diffct {diffct.__version__} installed, the comparison was written for {DIFFCT_VERSION}")
+        # diffct's cost is not linear in the views (a 1-view warm-up leaves its first full call slow),
+        # so it runs the same 24 views: one call as warm-up and geometry check, one timed
         run = diffct_project(mu, spacing, geometry, views)
         theirs = run()
-        seconds = best_of(1, run)
-        rows.append((f"diffct {diffct.__version__} torch CPU (Siddon)", seconds))
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rows.append((f"diffct {diffct.__version__} torch CPU (Siddon)", wall, cpu, rays))
         print(f"same geometry check: mean |diffct - dosebench| / mean = "
               f"{np.abs(theirs - reference).mean() / reference.mean():.3%} (Siddon vs Joseph, 1.5 mm voxels)")
-    for name, seconds in rows:
-        print(f"  {name:34s} {seconds:8.3f} s  {rays / seconds / 1e6:8.3f} Mrays/s  "
-              f"{samples / seconds / 1e6:9.1f} M samples/s")
+    for name, wall, cpu, n_rays in rows:
+        print(f"  {name:44s} wall {wall:8.3f} s {n_rays * planes / wall / 1e6:9.1f} M samples/s;  "
+              f"CPU {cpu:8.3f} s {n_rays * planes / cpu / 1e6:9.1f} M samples/CPU-s")
     if diffct is not None:
-        print(f"  ratio dosebench numba / diffct torch CPU: {rows[2][1] / rows[0][1]:.1f}x")
+        (_, our_wall, our_cpu, our_rays), (_, their_wall, their_cpu, their_rays) = rows[0], rows[2]
+        print(f"  ratio dosebench numba / diffct torch CPU: {our_rays / our_wall / (their_rays / their_wall):.1f}x "
+              f"(wall), {our_rays / our_cpu / (their_rays / their_cpu):.1f}x (CPU time); "
+              f"load average now {os.getloadavg()[0]:.2f}")
 
 
 # -- 2. the paper protocol -----------------------------------------------------------------------------
@@ -161,36 +189,64 @@ def paper_phantom(slices: int, spacing_mm: float = 0.8) -> Volume:
 
 
 def paper(slices: int, views: int | None, dose: float = 0.2, seed: int = 7) -> None:
+    """The paper protocol on :func:`paper_phantom`: full-dose synthesis plus one dose, through the stores.
+
+    Prints the forward projection's own time (the calls into the projector, timed) and the whole
+    simulation's, per view and extrapolated to the helix, and the peak memory: the largest numpy/Python
+    heap during the run (tracemalloc, which sees numpy's buffers) and the process' peak RSS.
+    """
+    import os
+    import tracemalloc
+
+    from dosebench.simulator import synthesis
+
     protocol = load_protocol("paper")
-    before = peak_rss_mb()
     volume = paper_phantom(slices)
     full = plan_scan(volume, protocol.scanner)
     geometry = full if views is None else full.model_copy(update={"number_of_views": min(views, full.number_of_views)})
-    chunk = protocol.views_per_chunk
-    print(f"## paper protocol: phantom {volume.shape} at 0.8 mm ({volume.hu.nbytes / 2**20:.0f} MiB HU); helix "
-          f"{full.number_of_views} views x {full.detector_rows} rows x {full.detector_columns} columns "
-          f"({full.number_of_views * full.detector_rows * full.detector_columns * 4 / 2**30:.1f} GiB per store)")
-    with tempfile.TemporaryDirectory(prefix="dosebench-bench-") as tmp:
-        counts = create_store(str(Path(tmp) / "counts"), geometry, "counts", chunk)
-        thinned = create_store(str(Path(tmp) / "dose"), geometry, "line_integrals", chunk)
-        air = air_counts(protocol.photons, geometry)
-        forward_project(np.zeros((4, 4, 4), np.float32), (1.0, 1.0, 1.0), geometry, range(0, 1))  # compile
+    chunk = min(protocol.views_per_chunk, geometry.number_of_views)
+    print(f"## paper protocol (load average {os.getloadavg()[0]:.2f}): phantom {volume.shape} at 0.8 mm "
+          f"({volume.hu.nbytes / 2**20:.0f} MiB HU); helix {full.number_of_views} views x {full.detector_rows} rows "
+          f"x {full.detector_columns} columns ({full.views_per_turn} views per turn; "
+          f"{full.number_of_views * full.detector_rows * full.detector_columns * 4 / 2**30:.1f} GiB per store)")
+    projection_s = [0.0]
+
+    def timed_projection(*args, **kwargs):
         start = time.perf_counter()
-        for index, block_views, block in synthesise_blocks(volume, geometry, protocol.photons, seed, chunk):
-            counts.write_block(index, block)
-            thinned.write_block(index, thin_block(block, air[block_views.start:block_views.stop], dose, seed, index,
-                                                  protocol.photons.electronic_noise_sigma))
-        counts.finalise()
-        thinned.finalise()
-        seconds = time.perf_counter() - start
-    per_view = seconds / geometry.number_of_views
-    print(f"  simulated {geometry.number_of_views} views (full dose + dose {dose}): {seconds:.1f} s, "
-          f"{per_view * 1e3:.0f} ms per view")
-    if geometry.number_of_views < full.number_of_views:
-        print(f"  extrapolated to all {full.number_of_views} views: {per_view * full.number_of_views / 60:.1f} min "
-              f"(run with --full for the measured figure)")
-    print(f"  peak RSS {peak_rss_mb():.0f} MB (before the phantom: {before:.0f} MB); stores stream one "
-          f"{chunk}-view block at a time, so the peak does not grow with the number of views")
+        result = forward_project(*args, **kwargs)
+        projection_s[0] += time.perf_counter() - start
+        return result
+
+    forward_project(np.zeros((4, 4, 4), np.float32), (1.0, 1.0, 1.0), geometry, range(0, 1))  # compile / load
+    tracemalloc.start()
+    synthesis.forward_project = timed_projection
+    try:
+        with tempfile.TemporaryDirectory(prefix="dosebench-bench-") as tmp:
+            counts = create_store(str(Path(tmp) / "counts"), geometry, "counts", chunk)
+            thinned = create_store(str(Path(tmp) / "dose"), geometry, "line_integrals", chunk)
+            air = air_counts(protocol.photons, geometry)
+            start = time.perf_counter()
+            for index, block_views, block in synthesise_blocks(volume, geometry, protocol.photons, seed, chunk):
+                counts.write_block(index, block)
+                thinned.write_block(index, thin_block(block, air[block_views.start:block_views.stop], dose, seed,
+                                                      index, protocol.photons.electronic_noise_sigma))
+            counts.finalise()
+            thinned.finalise()
+            seconds = time.perf_counter() - start
+    finally:
+        synthesis.forward_project = forward_project
+        heap_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    n = geometry.number_of_views
+    measured = "measured" if n == full.number_of_views else f"measured on the first {n} views, extrapolated"
+    for name, total in (("forward projection", projection_s[0]), (f"simulation (full dose + dose {dose})", seconds)):
+        per_view = total / n
+        print(f"  {name:38s} {total:7.1f} s for {n} views = {per_view * 1e3:6.0f} ms/view; "
+              f"{per_view * full.views_per_turn:6.1f} s/turn; whole helix {per_view * full.number_of_views / 60:6.1f} "
+              f"min ({measured})")
+    print(f"  peak memory: numpy/Python heap {heap_peak / 2**20:.0f} MiB during the run (tracemalloc); process peak "
+          f"RSS so far {peak_rss_mb():.0f} MB. Stores stream one {chunk}-view block at a time, so neither grows "
+          f"with the number of views")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--views", type=int, default=64, help="views simulated for the paper figure (default 64)")
     parser.add_argument("--full", action="store_true", help="simulate the paper protocol's whole helix")
     parser.add_argument("--skip-paper", action="store_true", help="only the throughput comparison")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the paper protocol")
     args = parser.parse_args(argv)
-    throughput()
-    if not args.skip_paper:
+    if not args.skip_paper:  # first, so that the process' peak RSS is the paper run's
         paper(args.slices, None if args.full else args.views)
+    if not args.skip_throughput:
+        throughput()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from .core.progress import NullProgress, ProgressSink
 from .core.protocol import Protocol
 from .core.units import mu_to_hu
 from .core.volume import Volume, load_label_map, load_volume, write_atomic_nifti
+from .reconstructor.store_io import StoreViews
 from .reconstructor.wfbp import reconstruct
 from .reports import figures
 from .reports.html import render_html
@@ -226,7 +227,8 @@ def reconstruct_dose(spec: JobSpec, dose: float, line_integrals_url: str, out_ur
     context.progress.start(key, f"dose {dose_label(dose)}: reconstruct", 1)
     context.check_cancel()
     xs, ys, zs = volume.scanner_coordinates_mm()
-    recon = reconstruct(store.read_all(), store.geometry, spec.protocol.reconstruction, xs, ys, zs)
+    # the store is streamed slab by slab (never read whole): a clinical projection set is held at most once
+    recon = reconstruct(StoreViews(store), store.geometry, spec.protocol.reconstruction, xs, ys, zs)
     if recon.incomplete_voxels:
         raise RuntimeError(f"{recon.incomplete_voxels} voxels lack data: the helix does not cover the grid")
     hu = np.rint(mu_to_hu(recon.mu_per_mm, spec.protocol.photons.mu_water_per_mm)).clip(-1024, 3071)

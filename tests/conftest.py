@@ -91,9 +91,11 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def postgres_url() -> str:
-    """A fresh PostgreSQL database ``dosebench_test_<random>`` for this test session, dropped after."""
+    """A fresh PostgreSQL database ``dosebench_test_<random>`` for each test module, dropped after: no
+    module sees another's rows (a schedule left enabled, a job its reaper would send, a cohort holding
+    a study another module deletes)."""
     import uuid
 
     from sqlalchemy import create_engine, text

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from dosebench.core.errors import InputError
-from dosebench.core.geometry import HelicalGeometry
+from dosebench.core.geometry import FocalSpotOffset, HelicalGeometry
 from dosebench.core.protocol import ReconstructionSettings, load_protocol
 from dosebench.core.units import mu_to_hu
 from dosebench.reconstructor.wfbp import reconstruct
 from dosebench.simulator.dicom_ct_pd import (
     air_counts_of,
     convert_to_store,
+    focal_spot_period,
     is_dicom_ct_pd,
     read_views,
     scan_folder,
@@ -124,16 +125,63 @@ def test_counts_store_reconstructs_inserts_within_5_hu(written, tmp_path):
         assert abs(image[inner.contains(x, y, z)].mean() - truth) < 5.0
 
 
-def test_flying_focal_spot_is_refused_unless_offsets_are_zero(tmp_path):
+Z_FFS = [FocalSpotOffset(axial_mm=-0.3, radial_mm=-0.9), FocalSpotOffset(axial_mm=0.3, radial_mm=0.9)]
+XYZ_FFS = [FocalSpotOffset(angle_rad=a, axial_mm=z, radial_mm=r)
+           for a, z, r in ((-7e-4, -0.3, -1.2), (7e-4, -0.3, 1.2), (-7e-4, 0.3, -1.2), (7e-4, 0.3, 1.2))]
+
+
+@pytest.mark.parametrize("offsets,mode,flip", [(Z_FFS, "FFSZ", False), (XYZ_FFS, "FFSXYZ", True)])
+def test_flying_focal_spot_round_trip(tmp_path, offsets, mode, flip):
+    geometry = small_scan(direction=-1 if flip else 1, views=90).model_copy(update={"focal_spot_offsets": offsets})
+    p = analytic_line_integrals(PHANTOM, geometry)  # rays from the actual focal spots
+    write_dicom_ct_pd(tmp_path / "raw", p, geometry, N0, flip=flip)
+    scan = scan_folder(tmp_path / "raw")
+    assert scan.flipped == flip and scan.ffs_mode == mode
+    read = scan.geometry
+    assert len(read.focal_spot_offsets) == len(offsets)
+    for got, want in zip(read.focal_spot_offsets, offsets, strict=True):
+        # the tags are float32: relative 6e-8
+        assert got.angle_rad == pytest.approx(want.angle_rad, rel=1e-6, abs=1e-12)
+        assert got.axial_mm == pytest.approx(want.axial_mm, rel=1e-6, abs=1e-12)
+        assert got.radial_mm == pytest.approx(want.radial_mm, rel=1e-6, abs=1e-12)
+    np.testing.assert_array_equal(read.focal_spot_index(), geometry.focal_spot_index())
+    assert_same_geometry(read, geometry)  # actual sources and rays, focal spot included
+    assert scan.attrs()["flying_focal_spot"]["mode"] == mode
+    # counts round-trip: N0 exp(-p) of the written line integrals, within the uint16 quantisation
+    reopened = convert_to_store(scan, str(tmp_path / "counts"), views_per_block=32)
+    counts = reopened.read_all().astype(np.float64)
+    quantum = (p.max() - min(p.min(), 0.0)) / 65000.0
+    np.testing.assert_allclose(counts, N0 * np.exp(-p.astype(np.float64)), rtol=0.5 * quantum + 1e-6)
+
+
+def test_non_periodic_focal_spot_is_refused(tmp_path):
     geometry = small_scan(views=60)
     p = np.zeros((geometry.number_of_views, geometry.detector_rows, geometry.detector_columns), np.float32)
-    write_dicom_ct_pd(tmp_path / "ffs", p, geometry, N0, ffs_mode="FFSZ",
-                      ffs_offsets=[(0.0, -0.3, 0.0), (0.0, 0.3, 0.0)])
-    with pytest.raises(InputError, match="flying focal spot"):
+    rng = np.random.default_rng(5)
+    shifts = [(0.0, float(z), 0.0) for z in rng.uniform(-0.5, 0.5, 31)]  # 31 > MAX_FOCAL_SPOT_PERIOD
+    write_dicom_ct_pd(tmp_path / "ffs", p, geometry, N0, ffs_mode="FFSZ", ffs_offsets=shifts)
+    with pytest.raises(InputError, match="do not repeat") as error:
         scan_folder(tmp_path / "ffs")
+    assert "7033,100B/C/D" in str(error.value)
+
+
+def test_zero_focal_spot_shifts_give_no_offsets(tmp_path):
+    geometry = small_scan(views=60)
+    p = np.zeros((geometry.number_of_views, geometry.detector_rows, geometry.detector_columns), np.float32)
     write_dicom_ct_pd(tmp_path / "zero", p, geometry, N0, ffs_mode="FFSZ", ffs_offsets=[(0.0, 0.0, 0.0)])
     scan = scan_folder(tmp_path / "zero")
+    assert scan.geometry.focal_spot_offsets == []
     assert scan.attrs()["flying_focal_spot"] == {"mode": "FFSZ", "offsets": [[0.0, 0.0, 0.0]]}
+
+
+def test_focal_spot_period_detection():
+    base = np.array([[1e-3, 0.3, 1.0], [-1e-3, 0.3, -1.0], [1e-3, -0.3, 1.0], [-1e-3, -0.3, -1.0]])
+    assert focal_spot_period(np.tile(base, (10, 1))) == 4
+    assert focal_spot_period(np.tile(base[:2], (10, 1))[:-1]) == 2  # an incomplete last cycle is fine
+    assert focal_spot_period(np.zeros((5, 3))) == 1
+    broken = np.tile(base, (10, 1))
+    broken[17, 1] += 1e-3
+    assert focal_spot_period(broken) is None
 
 
 def test_not_ct_pd_and_missing_views(tmp_path, written):

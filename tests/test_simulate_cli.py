@@ -88,15 +88,19 @@ def test_simulate_from_dicom_ct_pd(run_cli, tmp_path):
     assert json.loads((out / "protocol.json").read_text())["input"]["kind"] == "DICOM-CT-PD raw projections"
 
 
-def test_simulate_refuses_flying_focal_spot(run_cli, tmp_path):
+def test_simulate_keeps_the_flying_focal_spot_in_every_store(run_cli, tmp_path):
+    """Flying-focal-spot raw data are accepted: the per-view source shifts the files carry reach the
+    geometry of the counts and of every dose's line integrals, so the reconstruction sees them."""
     geometry, p = _raw_scan()
     raw = tmp_path / "ffs"
-    write_dicom_ct_pd(raw, p, geometry, 1.0e5, ffs_mode="FFSXY", ffs_offsets=[(1e-3, 0.0, 0.1), (-1e-3, 0.0, 0.1)])
-    result = _simulate(run_cli, raw, tmp_path / "out")
-    assert result.returncode == 2
-    assert "flying focal spot" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffs"]
+    shifts = [(1e-3, 0.1, 0.0), (-1e-3, -0.1, 0.0)]  # (angle rad, axial mm, radial mm), alternating
+    write_dicom_ct_pd(raw, p, geometry, 1.0e5, ffs_mode="FFSXYZ", ffs_offsets=shifts)
+    out = tmp_path / "out"
+    _ok(_simulate(run_cli, raw, out))
+    for store_path in (out / "counts", out / "dose-0.20" / "line_integrals", out / "dose-1.00" / "line_integrals"):
+        offsets = open_store(str(store_path)).geometry.focal_spot_offsets
+        stored = np.array([(o.angle_rad, o.axial_mm, o.radial_mm) for o in offsets])
+        np.testing.assert_allclose(stored, np.array(shifts), rtol=1e-6, atol=1e-9)  # the tags are float32
 
 
 @pytest.mark.parametrize("bad", ["--seed=-1"])

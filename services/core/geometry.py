@@ -19,6 +19,20 @@ Detector: curved (a cylinder about the source, radius D = ``source_to_detector_m
 equiangular) or flat (plane at distance D, columns equispaced). Rows are equispaced in z at the
 detector. A ray to row offset ``v`` (mm at the detector) climbs ``v / D_gamma`` mm per mm travelled in
 plane, where ``D_gamma = D`` (curved) or ``D / cos gamma`` (flat).
+
+Flying focal spot: ``ScannerModel.focal_spot_offsets`` lists the focal spot positions the tube cycles
+through; view ``k`` uses ``offsets[k % len(offsets)]`` (:meth:`HelicalGeometry.focal_spot_index`); an
+empty list means no flying focal spot. Only the source moves: with offset ``(d_beta, d_z, d_R)`` view
+``k``'s actual source is::
+
+    S'_k = ((R + d_R) cos(beta_k + d_beta), (R + d_R) sin(beta_k + d_beta), z_k + d_z)
+
+while the detector stays where the nominal geometry puts it: the element of fan angle ``gamma`` and row
+offset ``v`` is at ``S_k + D_gamma (cos gamma e_c + sin gamma e_l) + v e_z`` with ``S_k`` the nominal
+focal centre above, ``e_c = -(cos beta_k, sin beta_k, 0)`` and ``D_gamma`` as above
+(:meth:`HelicalGeometry.detector_positions_mm`). The ray of an element runs from ``S'_k`` to the
+element (:meth:`HelicalGeometry.ray_directions`); with no offsets it is the ray described above. The
+angular offset is in this frame's angle (a reader turning its frame converts it).
 """
 
 from __future__ import annotations
@@ -28,6 +42,20 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class FocalSpotOffset(BaseModel):
+    """One flying focal spot position, relative to the nominal focal centre of a view (DICOM-CT-PD
+    (7033,100B/C/D)). Only the source moves; the detector stays put (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: added to the view's source angle beta (rad)
+    angle_rad: float = 0.0
+    #: added to the source z (mm)
+    axial_mm: float = 0.0
+    #: added to the source-to-isocentre distance (mm)
+    radial_mm: float = 0.0
 
 
 class ScannerModel(BaseModel):
@@ -51,6 +79,8 @@ class ScannerModel(BaseModel):
     pitch: float = Field(gt=0, le=2.0)
     start_angle_rad: float = 0.0
     rotation_direction: Literal[1, -1] = 1
+    #: flying focal spot positions, cycled over the views (view k uses [k % len]); [] = none
+    focal_spot_offsets: list[FocalSpotOffset] = []
 
     @model_validator(mode="after")
     def _check(self) -> ScannerModel:
@@ -132,18 +162,49 @@ class HelicalGeometry(ScannerModel):
         k = np.arange(self.number_of_views, dtype=np.float64)
         return self.start_z_mm + self.table_feed_per_turn_mm * k / self.views_per_turn
 
+    def focal_spot_index(self, views: range | None = None) -> np.ndarray:
+        """Index into ``focal_spot_offsets`` (int, per view) of ``views`` (default all); zeros when
+        there is no flying focal spot."""
+        views = range(self.number_of_views) if views is None else views
+        k = np.arange(views.start, views.stop, dtype=np.int64)
+        if not self.focal_spot_offsets:
+            return np.zeros_like(k)
+        return k % len(self.focal_spot_offsets)
+
+    def focal_spot_offsets_of(self, views: range | None = None) -> np.ndarray:
+        """Offsets (n, 3) = (angle rad, axial mm, radial mm) of ``views`` (default all); zeros without
+        a flying focal spot."""
+        views = range(self.number_of_views) if views is None else views
+        if not self.focal_spot_offsets:
+            return np.zeros((len(views), 3))
+        table = np.array([[o.angle_rad, o.axial_mm, o.radial_mm] for o in self.focal_spot_offsets])
+        return table[self.focal_spot_index(views)]
+
     def source_positions_mm(self, views: range | None = None) -> np.ndarray:
-        """Source positions (n, 3) of ``views`` (default all)."""
+        """Actual source positions (n, 3) of ``views`` (default all), flying focal spot included."""
+        views = range(self.number_of_views) if views is None else views
+        beta = self.view_angles_rad()[views.start:views.stop]
+        z = self.source_z_mm()[views.start:views.stop]
+        radius = self.source_to_isocenter_mm
+        if self.focal_spot_offsets:
+            offsets = self.focal_spot_offsets_of(views)
+            beta = beta + offsets[:, 0]
+            z = z + offsets[:, 1]
+            radius = radius + offsets[:, 2]
+        return np.stack([radius * np.cos(beta), radius * np.sin(beta), z], axis=-1)
+
+    def focal_centre_positions_mm(self, views: range | None = None) -> np.ndarray:
+        """Nominal focal centres (n, 3) of ``views``: where the source would be without a flying focal
+        spot, the point the detector is built around."""
         views = range(self.number_of_views) if views is None else views
         beta = self.view_angles_rad()[views.start:views.stop]
         z = self.source_z_mm()[views.start:views.stop]
         radius = self.source_to_isocenter_mm
         return np.stack([radius * np.cos(beta), radius * np.sin(beta), z], axis=-1)
 
-    def ray_directions(self, views: range | None = None) -> np.ndarray:
-        """Unit direction (n, rows, columns, 3) of every detector element's ray: the reference
-        (numpy) statement of the conventions in this module's docstring."""
-        views = range(self.number_of_views) if views is None else views
+    def _nominal_ray_vectors(self, views: range) -> np.ndarray:
+        """(n, rows, columns, 3): from the nominal focal centre to each detector element divided by
+        D_gamma, i.e. (cos gamma e_c + sin gamma e_l, v / D_gamma)."""
         beta = self.view_angles_rad()[views.start:views.stop][:, None, None]
         gamma = self.fan_angles_rad()[None, None, :]
         v = self.row_offsets_mm()[None, :, None]
@@ -152,8 +213,27 @@ class HelicalGeometry(ScannerModel):
         uy = -np.cos(gamma) * np.sin(beta) + np.sin(gamma) * np.cos(beta)
         uz = v / d_gamma
         shape = (beta.shape[0], v.shape[1], gamma.shape[2])
-        direction = np.stack([np.broadcast_to(ux, shape), np.broadcast_to(uy, shape),
-                              np.broadcast_to(uz, shape)], axis=-1)
+        return np.stack([np.broadcast_to(ux, shape), np.broadcast_to(uy, shape),
+                         np.broadcast_to(uz, shape)], axis=-1)
+
+    def detector_positions_mm(self, views: range | None = None) -> np.ndarray:
+        """World positions (n, rows, columns, 3) of the detector element centres of ``views`` (default
+        all); they follow the nominal focal centre, not the flying focal spot."""
+        views = range(self.number_of_views) if views is None else views
+        gamma = self.fan_angles_rad()[None, None, :, None]
+        d_gamma = self.source_to_detector_mm / (np.cos(gamma) if self.detector_shape == "flat" else 1.0)
+        centres = self.focal_centre_positions_mm(views)[:, None, None, :]
+        return centres + d_gamma * self._nominal_ray_vectors(views)
+
+    def ray_directions(self, views: range | None = None) -> np.ndarray:
+        """Unit direction (n, rows, columns, 3) of every detector element's ray, from the actual
+        source to the element: the reference (numpy) statement of the conventions in this module's
+        docstring."""
+        views = range(self.number_of_views) if views is None else views
+        if self.focal_spot_offsets:
+            direction = self.detector_positions_mm(views) - self.source_positions_mm(views)[:, None, None, :]
+        else:
+            direction = self._nominal_ray_vectors(views)
         return direction / np.linalg.norm(direction, axis=-1, keepdims=True)
 
     @property

@@ -18,16 +18,40 @@ from ..core.errors import InputError
 from ..core.protocol import MU_WATER_120KVP_PER_MM, ReconstructionSettings
 from ..core.units import mu_to_hu
 from ..core.volume import write_atomic_nifti
-from ..simulator.store import open_store
+from ..simulator.store import ProjectionStore, open_store
 from .grid import Profile, reconstruct_grid
 from .wfbp import DEFAULT_MAX_SLAB_BYTES, Backend
+
+
+class StoreViews:
+    """A projection store seen as a (views, rows, columns) array that is read only where it is sliced:
+    ``views[a:b]`` reads the blocks that hold views a..b-1. The reconstructors take it in place of an
+    array, so a store is streamed, never read whole (numba: slab by slab; torch: block by block of views)."""
+
+    def __init__(self, store: ProjectionStore):
+        self.store = store
+        self.shape = store.shape
+        self.dtype = np.dtype(store.dtype)
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("a projection store is read by contiguous view ranges (views[a:b])")
+        start, stop, _ = index.indices(self.shape[0])
+        return self.store.read_views(range(start, max(start, stop)))
 
 
 def reconstruct_store(projections_url: str, out_dir: Path, settings: ReconstructionSettings,
                       backend: Backend = "auto", profile: Profile = "triangle",
                       mu_water_per_mm: float = MU_WATER_120KVP_PER_MM,
                       max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES, overwrite: bool = False) -> Path:
-    """Write ``out_dir/recon.nii.gz`` (int16 HU) and ``out_dir/recon.json`` (grid and settings)."""
+    """Write ``out_dir/recon.nii.gz`` (int16 HU) and ``out_dir/recon.json`` (grid and settings).
+
+    The store is streamed (:class:`StoreViews`): the numba backend's working set of views stays below
+    ``max_slab_bytes``; the torch backend holds the rebinned set once (its own bound is on the device)."""
     store = open_store(projections_url)
     if store.quantity != "line_integrals":
         raise InputError(f"{projections_url} holds {store.quantity}, not line integrals",
@@ -37,8 +61,9 @@ def reconstruct_store(projections_url: str, out_dir: Path, settings: Reconstruct
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists", fix="choose another --out folder or pass --overwrite")
     try:
-        result = reconstruct_grid(store.read_all(), store.geometry, settings, profile=profile, backend=backend,
-                                  max_slab_bytes=max_slab_bytes)
+        # streamed: only the view blocks each slab needs are read, never the whole set at once
+        result = reconstruct_grid(StoreViews(store), store.geometry, settings,  # type: ignore[arg-type]
+                                  profile=profile, backend=backend, max_slab_bytes=max_slab_bytes)
     except ValueError as exc:
         raise InputError(f"cannot reconstruct {projections_url}: {exc}",
                          fix="check --fov-mm, --matrix, --thickness-mm and --increment-mm") from exc

@@ -4,7 +4,9 @@
    ``j`` has angle ``phi_j = beta_j`` (the angle of fan view ``j``) and rays at distances ``t_i`` from
    the axis; the ray (phi, t) is the fan ray ``gamma = asin(t / R)`` of the (fractional) view whose
    angle is ``phi + gamma``. Rows keep their detector height, so a rebinned "row" is a wedge of rays
-   from many source positions.
+   from many source positions. With a flying focal spot (``focal_spot_offsets``), every view is
+   sampled with its own spot's rays and consecutive views are interpolated onto the nominal parallel
+   rays, the spot's z offset as a row shift (:func:`focal_spot_rebinning`; numba backend only).
 2. **Filtering** along t with the band-limited ramp (the spatial Ram-Lak kernel of Kak & Slaney,
    which has no DC offset) times an apodisation window, by zero-padded FFT.
 3. **Aperture-weighted backprojection**, voxel by voxel: for each parallel direction phi in [0, pi)
@@ -12,11 +14,14 @@
    weighted by ``W(q)``, q the voxel's normalised detector row (``q = +-1`` at the detector's edges;
    ``W = 1`` for ``|q| <= Q`` and a cos^2 taper to 0 at ``|q| = 1``), and the partners' values are
    averaged with those weights. The image is ``pi / N_pi`` times the sum over directions.
-   The kernel computes this per tile of voxel columns and direction: along one ray, q is linear in z,
-   so the slices with |q| < 1 (and those with |q| <= Q) are found directly and only they are visited;
-   the sums keep the voxel-by-voxel order, so results equal the plain loop's up to rounding.
-   Slabs of slices bound the working copy of the views (``max_slab_bytes``). A torch version of all
-   three steps, for CUDA, is :mod:`dosebench.reconstructor.wfbp_torch` (``backend=``).
+   The kernel (float32, vectorised over 16 voxel columns at a time; see :func:`_backproject`) visits,
+   per view, only the slices where some column's ray has |q| < 1 (q is linear in z along one ray);
+   the sums keep the voxel-by-voxel order, so results equal the plain loop's up to rounding, and a
+   split into slabs or tiles changes no bit.
+   Slabs of slices bound the working set (``max_slab_bytes``): :func:`reconstruct` and
+   :func:`reconstruct_streamed` read, rebin and filter only the views each slab needs, chunk by chunk,
+   so a projection set (in memory or in a projection store) is never held twice. A torch version of
+   all three steps, for CUDA, is :mod:`dosebench.reconstructor.wfbp_torch` (``backend=``).
 
 Units: line integrals in, mu (1/mm) out. The reconstruction grid is a set of voxel centres in the
 scanner frame.
@@ -25,6 +30,7 @@ scanner frame.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +75,14 @@ def rebinning_coordinates(geometry: HelicalGeometry) -> RebinningCoordinates:
     return RebinningCoordinates(t_spacing_mm=t_spacing, view_offset=view_offset, column=column)
 
 
+def check_no_flying_focal_spot(geometry: HelicalGeometry) -> None:
+    """Refuse a geometry with flying focal spot offsets (the torch backend's rebinning assumes every
+    view's rays leave the nominal focal centre: such data would be reconstructed wrong)."""
+    if geometry.focal_spot_offsets:
+        raise ValueError(f"the geometry has a flying focal spot ({len(geometry.focal_spot_offsets)} offsets): "
+                         "the torch backend does not model it; use backend='numba'")
+
+
 def check_projection_shape(line_integrals: np.ndarray, geometry: HelicalGeometry) -> None:
     if line_integrals.shape != (geometry.number_of_views, geometry.detector_rows, geometry.detector_columns):
         raise ValueError("projections do not match the geometry's views x rows x columns")
@@ -77,18 +91,156 @@ def check_projection_shape(line_integrals: np.ndarray, geometry: HelicalGeometry
 def rebin_to_parallel(line_integrals: np.ndarray, geometry: HelicalGeometry) -> ParallelData:
     """Row-wise fan-to-parallel (wedge) rebinning by bilinear interpolation in (view, column)."""
     check_projection_shape(line_integrals, geometry)
+    return rebin_views(line_integrals, 0, range(geometry.number_of_views), geometry)
+
+
+def _fan_reach(geometry: HelicalGeometry) -> tuple[int, int]:
+    """Fan views that parallel view j reads lie in j + lo .. j + hi - 1 (lo, hi with a view's margin;
+    with a flying focal spot, also the spacing of one focal spot's views)."""
+    if geometry.focal_spot_offsets:
+        shift = focal_spot_rebinning(geometry).view_shift
+        return int(math.floor(shift.min())) - 2, int(math.ceil(shift.max())) + 3
+    offset = rebinning_coordinates(geometry).view_offset
+    return int(math.floor(offset.min())) - 1, int(math.ceil(offset.max())) + 2
+
+
+@dataclass(frozen=True)
+class FocalSpotRebinning:
+    """Where the parallel ray (view j, t_i, row r) of the nominal parallel geometry lies in the data of
+    focal spot f (views f, f + K, ...): fan view ``j + view_shift[f, i]`` (interpolated between that
+    spot's views), column ``column[f, i]`` (-1: off the detector), row ``r + row_shift[f, i]``."""
+
+    view_shift: np.ndarray
+    column: np.ndarray
+    row_shift: np.ndarray
+
+
+def focal_spot_rebinning(geometry: HelicalGeometry) -> FocalSpotRebinning:
+    """The flying focal spot's rebinning map. In the frame of a view (beta = 0) the detector element of
+    column c is fixed and the source of spot f sits at angle d_beta, radius R + d_R: the in-plane ray
+    between them has parallel angle ``beta + delta_c`` and distance ``t_c`` from the axis, the same for
+    every view of the spot. The nominal parallel ray (phi_j = beta_j, t_i) is therefore column
+    ``c(t_i)`` of the spot's fractional view with ``beta = phi_j - delta(c)``. Along z, the backprojector
+    takes that ray from the nominal source position of view ``j + view_offset_i`` (rebinning_coordinates);
+    the spot's source sits ``dz`` higher (its axial offset plus the table travel between the two
+    views), which is the row shift ``-dz D_gamma / (R row pitch)`` at the isocentre (exact for voxels on
+    the axis; off axis the residual is ``dz (D_gamma / L - D_gamma / R)`` in detector mm, L the in-plane
+    source-voxel distance)."""
     coordinates = rebinning_coordinates(geometry)
-    n_views, n_rows, n_t = line_integrals.shape
-    out = np.zeros((n_views, n_rows, n_t), dtype=np.float32)
-    _rebin(np.ascontiguousarray(line_integrals, dtype=np.float32), coordinates.view_offset, coordinates.column, out)
+    n_t = geometry.detector_columns
+    t = (np.arange(n_t) - (n_t - 1) / 2.0) * coordinates.t_spacing_mm
+    radius = geometry.source_to_isocenter_mm
+    flat = geometry.detector_shape == "flat"
+    gamma_c = geometry.fan_angles_rad()
+    d_gamma_c = geometry.source_to_detector_mm / (np.cos(gamma_c) if flat else 1.0)
+    element_x = radius - d_gamma_c * np.cos(gamma_c)  # detector elements in the view's frame
+    element_y = d_gamma_c * np.sin(gamma_c)
+    gamma_i = np.arcsin(np.clip(t / radius, -1.0, 1.0))
+    d_gamma_i = geometry.source_to_detector_mm / (np.cos(gamma_i) if flat else 1.0)
+    columns = np.arange(geometry.detector_columns, dtype=np.float64)
+    shifts, cols, rows = [], [], []
+    for offset in geometry.focal_spot_offsets:
+        source_x = (radius + offset.radial_mm) * math.cos(offset.angle_rad)
+        source_y = (radius + offset.radial_mm) * math.sin(offset.angle_rad)
+        # the ray runs towards -(cos phi, sin phi)
+        phi_c = np.arctan2(source_y - element_y, source_x - element_x)
+        t_c = -source_x * np.sin(phi_c) + source_y * np.cos(phi_c)
+        if np.any(np.diff(t_c) <= 0):
+            raise ValueError("flying focal spot offset too large: detector columns no longer ordered in t")
+        column = np.interp(t, t_c, columns, left=-1.0, right=-1.0)
+        delta = np.interp(t, t_c, phi_c)
+        view_shift = -geometry.rotation_direction * delta * geometry.views_per_turn / (2.0 * np.pi)
+        dz = (geometry.table_feed_per_turn_mm * (view_shift - coordinates.view_offset) / geometry.views_per_turn
+              + offset.axial_mm)
+        shifts.append(view_shift)
+        cols.append(column)
+        rows.append(-dz * d_gamma_i / (radius * geometry.row_height_at_detector_mm))
+    return FocalSpotRebinning(view_shift=np.array(shifts), column=np.array(cols), row_shift=np.array(rows))
+
+
+@numba.njit(parallel=True, cache=True)
+def _rebin_focal_spots(proj, fan_first, view_first, n_views, view_shift, column, row_shift, out):
+    """Interleaved: fan view k (spot k % K) holds the ray (t_i) of parallel view ``u(k) = k -
+    view_shift[k % K, i]``; the parallel view j is interpolated linearly in u between the two
+    consecutive fan views around it, each sampled at its own spot's column and row shift."""
+    n_spots = view_shift.shape[0]
+    n_rows = proj.shape[1]
+    n_cols = proj.shape[2]
+    n_t = out.shape[2]
+    for jj in numba.prange(out.shape[0]):
+        j = view_first + jj
+        for i in range(n_t):
+            k0 = int(math.floor(j + view_shift[0, i]))
+            # u is increasing in k while the spots' shifts differ by less than a view
+            while k0 > 0 and k0 - view_shift[k0 % n_spots, i] > j:
+                k0 -= 1
+            while k0 + 1 < n_views - 1 and k0 + 1 - view_shift[(k0 + 1) % n_spots, i] < j:
+                k0 += 1
+            if k0 < 0 or k0 + 1 > n_views - 1:
+                continue
+            u0 = k0 - view_shift[k0 % n_spots, i]
+            u1 = k0 + 1 - view_shift[(k0 + 1) % n_spots, i]
+            if not (u0 <= j <= u1):
+                continue  # outside the acquired views
+            wk = (j - u0) / (u1 - u0)
+            for side in range(2):
+                k = k0 + side
+                f = k % n_spots
+                weight = wk if side else 1.0 - wk
+                cf = column[f, i]
+                if cf < 0.0 or cf > n_cols - 1:
+                    continue
+                c0 = min(int(math.floor(cf)), n_cols - 2)
+                wc = cf - c0
+                a = k - fan_first
+                for r in range(n_rows):
+                    rf = min(max(r + row_shift[f, i], 0.0), n_rows - 1.0)
+                    r0 = int(rf)
+                    r1 = min(r0 + 1, n_rows - 1)
+                    wr = rf - r0
+                    out[jj, r, i] += weight * ((1 - wc) * ((1 - wr) * proj[a, r0, c0] + wr * proj[a, r1, c0])
+                                               + wc * ((1 - wr) * proj[a, r0, c0 + 1] + wr * proj[a, r1, c0 + 1]))
+
+
+def fan_views_needed(geometry: HelicalGeometry, views: range) -> range:
+    """The fan views that rebinning the parallel views ``views`` reads (within the scan)."""
+    lo, hi = _fan_reach(geometry)
+    first = max(0, views.start + lo)
+    stop = min(geometry.number_of_views, views.stop + hi)
+    return range(first, max(first, stop))
+
+
+def rebin_views(fan: np.ndarray, fan_first: int, views: range, geometry: HelicalGeometry) -> ParallelData:
+    """Rebin the parallel views ``views`` from ``fan``, which holds fan views ``fan_first ..`` (at least
+    :func:`fan_views_needed`); the same numbers as :func:`rebin_to_parallel` gives for those views.
+    With a flying focal spot, every view is sampled with its own spot's rays (:func:`focal_spot_rebinning`)
+    and consecutive views (of alternating spots) are interpolated onto the nominal parallel rays."""
+    coordinates = rebinning_coordinates(geometry)
+    needed = fan_views_needed(geometry, views)
+    if fan_first > needed.start or fan_first + fan.shape[0] < needed.stop:
+        raise ValueError(f"rebinning views {views.start}..{views.stop - 1} needs fan views "
+                         f"{needed.start}..{needed.stop - 1}")
+    n_t = geometry.detector_columns
+    out = np.zeros((len(views), geometry.detector_rows, n_t), dtype=np.float32)
+    if geometry.focal_spot_offsets:
+        spots = focal_spot_rebinning(geometry)
+        _rebin_focal_spots(np.ascontiguousarray(fan, dtype=np.float32), fan_first, views.start,
+                           geometry.number_of_views, spots.view_shift, spots.column, spots.row_shift, out)
+        return ParallelData(values=out, t_spacing_mm=coordinates.t_spacing_mm)
+    _rebin(np.ascontiguousarray(fan, dtype=np.float32), fan_first, views.start, geometry.number_of_views,
+           coordinates.view_offset, coordinates.column, out)
     return ParallelData(values=out, t_spacing_mm=coordinates.t_spacing_mm)
 
 
 @numba.njit(parallel=True, cache=True)
-def _rebin(proj, view_offset, column, out):
-    n_views, n_rows, n_cols = proj.shape
+def _rebin(proj, fan_first, view_first, n_views, view_offset, column, out):
+    """``proj`` holds fan views ``fan_first ..``, ``out`` parallel views ``view_first ..``; view indices
+    in the arithmetic are the scan's, so any split of the views gives the same numbers."""
+    n_cols = proj.shape[2]
+    n_rows = proj.shape[1]
     n_t = out.shape[2]
-    for j in numba.prange(n_views):
+    for jj in numba.prange(out.shape[0]):
+        j = view_first + jj
         for i in range(n_t):
             kf = j + view_offset[i]
             cf = column[i]
@@ -103,9 +255,10 @@ def _rebin(proj, view_offset, column, out):
                 c0 = min(max(c0, 0), n_cols - 2)
             wk = kf - k0
             wc = cf - c0
+            k = k0 - fan_first
             for r in range(n_rows):
-                out[j, r, i] = ((1 - wk) * ((1 - wc) * proj[k0, r, c0] + wc * proj[k0, r, c0 + 1])
-                                + wk * ((1 - wc) * proj[k0 + 1, r, c0] + wc * proj[k0 + 1, r, c0 + 1]))
+                out[jj, r, i] = ((1 - wk) * ((1 - wc) * proj[k, r, c0] + wc * proj[k, r, c0 + 1])
+                                 + wk * ((1 - wc) * proj[k + 1, r, c0] + wc * proj[k + 1, r, c0 + 1]))
 
 
 def ramp_filter_response(n_padded: int, t_spacing: float, kernel: str, cutoff: float) -> np.ndarray:
@@ -152,92 +305,56 @@ def filter_rows(data: ParallelData, kernel: str, cutoff: float, views_per_block:
 
 @numba.njit(inline="always")
 def _cos(u):
-    """cos(u) for 0 <= u <= pi / 2 by its Taylor series to u^18 (error < 1e-12): libm's cos costs
-    more than the rest of a voxel update."""
+    """cos(u) for 0 <= u <= pi / 2 in float32 by its Taylor series to u^14 (error < 1e-9, below float32's
+    rounding): libm's cos costs more than the rest of a voxel update and does not vectorise."""
     u2 = u * u
-    c = 1.0 / 6402373705728000.0
-    c = c * u2 - 1.0 / 355687428096000.0
-    c = c * u2 + 1.0 / 20922789888000.0
-    c = c * u2 - 1.0 / 87178291200.0
-    c = c * u2 + 1.0 / 479001600.0
-    c = c * u2 - 1.0 / 3628800.0
-    c = c * u2 + 1.0 / 40320.0
-    c = c * u2 - 1.0 / 720.0
-    c = c * u2 + 1.0 / 24.0
-    c = c * u2 - 0.5
-    return c * u2 + 1.0
-
-
-@numba.njit(inline="always")
-def _span(flat_t, base, n_t, n_rows, wi, zs, src_z, slope, lo, hi, tapered, inv_v_edge, aperture_q, taper, r_mid,
-          inv_row_pitch, num, den):
-    """Slices lo..hi of one ray: weight (1 or the cos^2 taper), row interpolation, accumulation.
-    ``flat_t`` is the (views, t, rows) block flattened; ``base`` indexes (view, i0, row 0)."""
-    top = n_rows - 1.0
-    w0 = 1.0 - wi
-    for iz in range(lo, hi + 1):
-        v = (zs[iz] - src_z) * slope
-        if tapered:
-            cw = _cos(taper * (abs(v * inv_v_edge) - aperture_q))
-            w = cw * cw
-        else:
-            w = 1.0
-        if n_rows > 1:
-            rf = min(max(r_mid + v * inv_row_pitch, 0.0), top)
-            r0 = min(int(rf), n_rows - 2)
-            wr = rf - r0
-            p = base + r0
-            val = ((1.0 - wr) * (w0 * flat_t[p] + wi * flat_t[p + n_rows])
-                   + wr * (w0 * flat_t[p + 1] + wi * flat_t[p + n_rows + 1]))
-        else:
-            val = w0 * flat_t[base] + wi * flat_t[base + 1]
-        num[iz] += w * val
-        den[iz] += w
-
-
-@numba.njit(inline="always")
-def _first_at_most(zs, src_z, slope, inv_v_edge, limit, guess, lo, hi):
-    """The first slice of lo..hi with |q| <= limit, searched from ``guess`` (within one slice of it);
-    hi + 1 if none. |q| is V-shaped in z along one ray, so those slices are one interval."""
-    i = min(max(guess, lo), hi + 1)
-    while i > lo and abs((zs[i - 1] - src_z) * slope * inv_v_edge) <= limit:
-        i -= 1
-    while i <= hi and abs((zs[i] - src_z) * slope * inv_v_edge) > limit:
-        i += 1
-    return i
-
-
-@numba.njit(inline="always")
-def _last_at_most(zs, src_z, slope, inv_v_edge, limit, guess, lo, hi):
-    """The last slice of lo..hi with |q| <= limit, searched from ``guess``; below lo if none."""
-    i = min(max(guess, lo - 1), hi)
-    while i < hi and abs((zs[i + 1] - src_z) * slope * inv_v_edge) <= limit:
-        i += 1
-    while i >= lo and abs((zs[i] - src_z) * slope * inv_v_edge) > limit:
-        i -= 1
-    return i
+    c = np.float32(-1.0 / 87178291200.0)
+    c = c * u2 + np.float32(1.0 / 479001600.0)
+    c = c * u2 - np.float32(1.0 / 3628800.0)
+    c = c * u2 + np.float32(1.0 / 40320.0)
+    c = c * u2 - np.float32(1.0 / 720.0)
+    c = c * u2 + np.float32(1.0 / 24.0)
+    c = c * u2 - np.float32(0.5)
+    return c * u2 + np.float32(1.0)
 
 
 #: LLVM fast-math flags of the backprojection kernel: contraction to FMA and reassociation within one
-#: voxel update (the sums over views keep their order); on the bundled CT the float32 output did not change
+#: voxel update (the sums over views keep their order, so slabs and tiles do not change a result's bits)
 FASTMATH = {"contract", "arcp", "nsz", "afn", "reassoc"}
 
-#: columns per side of the tiles the backprojector walks view by view (cache reuse of the views' rays)
-TILE = 16
+#: voxel columns (consecutive y) the kernel updates as one vector: every loop over them has this fixed
+#: length and no branch, so LLVM vectorises it (rays cross only a few slices of a coarse grid: a loop
+#: along z would be too short to vectorise)
+GROUP = 16
+
+#: groups (consecutive x) per tile: the tile's groups share each view's data while it is in cache
+TILE_GROUPS = 8
+
+#: detector rows around the group's mean row that the vectorised row interpolation reads per slice:
+#: LLVM does not vectorise gathers here, so each column's linear interpolation between rows r0 and
+#: r0 + 1 is computed as a sum of hat functions over this fixed window of rows (exactly the same two
+#: non-zero terms); a view whose columns spread over more rows than the window holds takes a scalar loop
+ROW_WINDOW = 6
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius, det_dist, flat, row_pitch_det,
                  views_per_turn, direction, start_z, feed, aperture_q, z_reach_scale, xs, ys, zs, z_step,
-                 out, n_valid_out):
-    """The kernel. ``filtered_t`` holds views ``view0 ..`` as (views, t, rows); ``zs`` ascending, with
-    ``z_step`` > 0 when uniformly spaced (then slice ranges are computed, else binary-searched).
+                 n_workers, out, n_valid_out):
+    """The kernel. ``filtered_t`` holds views ``view0 ..`` as (views, t, rows), float32; ``zs`` ascending,
+    with ``z_step`` > 0 when uniformly spaced (then slice ranges are computed, else binary-searched).
 
-    Per tile of TILE x TILE columns and parallel direction k, the views of that direction
-    (j = k + m n_half) are walked once; for each column the slices where the ray's normalised row q
-    satisfies |q| < 1 form one interval (q is linear in z), found directly, and only those are visited.
-    Sums run in the same order as a voxel-by-voxel loop over views (per direction by ascending view,
-    then over directions), so results equal the plain algorithm's up to floating-point rounding.
+    Voxel columns are taken GROUP at a time (consecutive y), TILE_GROUPS groups to a tile; tiles are
+    dealt round-robin to ``n_workers`` parallel tasks (the corners outside the field hold no work).
+    Per tile and parallel direction k, the views of that direction (j = k + m n_half) are walked once.
+    For one group and view, each column's ray (t, fan angle, source z, slope of q along z) is set up
+    in one vector step, its two neighbouring t samples are interpolated into one profile along the rows
+    (only the rows the slab's slices reach), and the slices where any of the group's rays has |q| < 1
+    are visited; per slice, the GROUP columns are updated in float32 with the weight and the row
+    interpolation computed branch-free (weight 0 where |q| >= 1; rows as a ROW_WINDOW sum of hat
+    functions, as LLVM does not vectorise gathers). Per voxel, the sums run in the same order as a voxel-by-voxel loop over views (per
+    direction by ascending view, partners averaged with their weights, then over directions), so a slab
+    or tile split changes no bit of a result.
     """
     n_local, n_t, n_rows = filtered_t.shape
     flat_t = filtered_t.ravel()
@@ -245,159 +362,269 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
     nx = xs.shape[0]
     ny = ys.shape[0]
     nz = zs.shape[0]
+    f32 = np.float32
+    u64 = np.uint64  # indices cast to unsigned: numba then skips its negative-index wraparound
+    zero = f32(0.0)
+    one = f32(1.0)
+    zs32 = zs.astype(np.float32)
     t_center = (n_t - 1) / 2.0
-    r_mid = (n_rows - 1) / 2.0
-    q_edge = n_rows / 2.0  # |q| = 1 at the detector's outer edge
-    v_edge = q_edge * row_pitch_det  # |v| at the edge, mm at the detector
-    inv_v_edge = 1.0 / v_edge
-    inv_row_pitch = 1.0 / row_pitch_det
+    inv_t_spacing = 1.0 / t_spacing
+    v_edge = n_rows / 2.0 * row_pitch_det  # |v| at the detector's outer edge (|q| = 1), mm at the detector
+    inv_v_edge = f32(1.0 / v_edge)
+    inv_row_pitch = f32(1.0 / row_pitch_det)
+    r_mid = f32((n_rows - 1) / 2.0)
+    top = f32(n_rows - 1.0)
+    r_last = u64(max(n_rows - 2, 0))
+    n_rows_padded = max(n_rows, ROW_WINDOW)
+    window_last = n_rows_padded - ROW_WINDOW
+    q_flat = f32(aperture_q)
+    q_taper = f32(1.0 - aperture_q)
+    taper = f32(0.5 * math.pi / (1.0 - aperture_q))
     max_t = t_center * t_spacing
     views_per_mm = views_per_turn / feed
     view_scale = direction * views_per_turn / (2.0 * math.pi)
-    taper = 0.5 * math.pi / (1.0 - aperture_q)
+    z_per_view = feed / views_per_turn
     j_min = max(0, view0)
     j_max = min(n_views - 1, view0 + n_local - 1)
-    tiles_x = (nx + TILE - 1) // TILE
-    tiles_y = (ny + TILE - 1) // TILE
-    n_cols = TILE * TILE
-    for tile in numba.prange(tiles_x * tiles_y):
-        ix0 = (tile // tiles_y) * TILE
-        iy0 = (tile % tiles_y) * TILE
-        num = np.zeros((n_cols, nz))
-        den = np.zeros((n_cols, nz))
-        total = np.zeros((n_cols, nz))
-        n_valid = np.zeros((n_cols, nz), dtype=np.int32)
-        cx = np.zeros(n_cols)
-        cy = np.zeros(n_cols)
-        c_first = np.zeros(n_cols, dtype=np.int64)
-        c_last = np.zeros(n_cols, dtype=np.int64)
-        gamma0 = np.zeros(n_cols)
-        cos_g = np.zeros(n_cols)
-        d_gamma = np.zeros(n_cols)
-        lo_touched = np.zeros(n_cols, dtype=np.int64)
-        hi_touched = np.zeros(n_cols, dtype=np.int64)
-        n_active = 0
-        cols = np.zeros(n_cols, dtype=np.int64)
-        tile_first = j_max + 1
-        tile_last = j_min - 1
-        for c in range(n_cols):
-            ix = ix0 + c // TILE
-            iy = iy0 + c % TILE
-            if ix >= nx or iy >= ny:
+    last_view = n_views - 1.0
+    groups_y = (ny + GROUP - 1) // GROUP
+    tiles_x = (nx + TILE_GROUPS - 1) // TILE_GROUPS
+    n_tiles = tiles_x * groups_y
+    inv_z_step = 1.0 / z_step if z_step > 0.0 else 0.0
+    for worker in numba.prange(n_workers):
+        num = np.zeros((TILE_GROUPS, nz, GROUP), dtype=np.float32)
+        den = np.zeros((TILE_GROUPS, nz, GROUP), dtype=np.float32)
+        total = np.zeros((TILE_GROUPS, nz, GROUP))
+        n_valid = np.zeros((TILE_GROUPS, nz, GROUP), dtype=np.int32)
+        gx = np.zeros((TILE_GROUPS, GROUP))
+        gy = np.zeros((TILE_GROUPS, GROUP))
+        active = np.zeros((TILE_GROUPS, GROUP))  # 1.0: inside the grid and the rebinned field
+        g_first = np.zeros(TILE_GROUPS, dtype=np.int64)
+        g_last = np.zeros(TILE_GROUPS, dtype=np.int64)
+        gamma0 = np.zeros((TILE_GROUPS, GROUP))
+        cos_g = np.zeros((TILE_GROUPS, GROUP))
+        d_gamma = np.zeros((TILE_GROUPS, GROUP))
+        profile = np.zeros((n_rows_padded + 1) * GROUP, dtype=np.float32)  # rows past the last stay 0
+        row_at = np.zeros(GROUP)
+        row_per_mm = np.zeros(GROUP)
+        i0 = np.zeros(GROUP, dtype=np.int64)
+        wi = np.zeros(GROUP, dtype=np.float32)
+        ok = np.zeros(GROUP, dtype=np.float32)
+        src_z = np.zeros(GROUP, dtype=np.float32)
+        slope = np.zeros(GROUP, dtype=np.float32)
+        z_lo = np.zeros(GROUP)
+        z_hi = np.zeros(GROUP)
+        for tile in range(worker, n_tiles, n_workers):
+            ix0 = (tile // groups_y) * TILE_GROUPS
+            iy0 = (tile % groups_y) * GROUP
+            n_groups = min(TILE_GROUPS, nx - ix0)
+            tile_first = j_max + 1
+            tile_last = j_min - 1
+            for g in range(n_groups):
+                first = j_max + 1
+                last = j_min - 1
+                for a in range(GROUP):
+                    iy = iy0 + a
+                    x = xs[ix0 + g]
+                    y = ys[min(iy, ny - 1)]
+                    r_xy = math.sqrt(x * x + y * y)
+                    gx[g, a] = x
+                    gy[g, a] = y
+                    active[g, a] = 0.0
+                    if iy >= ny or r_xy >= max_t:
+                        gx[g, a] = 0.0
+                        gy[g, a] = 0.0
+                        continue
+                    # views that can see this column of voxels anywhere in the slab
+                    reach = z_reach_scale * (radius + r_xy)
+                    gamma_views = math.asin(r_xy / radius) * views_per_turn / (2.0 * math.pi) + 2.0
+                    c_first = max(j_min, int(math.floor((zs[0] - reach - start_z) * views_per_mm - gamma_views)))
+                    c_last = min(j_max, int(math.ceil((zs[nz - 1] + reach - start_z) * views_per_mm + gamma_views)))
+                    if c_last < c_first:
+                        continue
+                    active[g, a] = 1.0
+                    first = min(first, c_first)
+                    last = max(last, c_last)
+                g_first[g] = first
+                g_last[g] = last
+                tile_first = min(tile_first, first)
+                tile_last = max(tile_last, last)
+            if tile_last < tile_first:
                 continue
-            x = xs[ix]
-            y = ys[iy]
-            r_xy = math.sqrt(x * x + y * y)
-            if r_xy >= max_t:
-                continue
-            # views that can see this column of voxels anywhere in the slab
-            reach = z_reach_scale * (radius + r_xy)
-            gamma_views = math.asin(r_xy / radius) * views_per_turn / (2.0 * math.pi) + 2.0
-            first = max(j_min, int(math.floor((zs[0] - reach - start_z) * views_per_mm - gamma_views)))
-            last = min(j_max, int(math.ceil((zs[nz - 1] + reach - start_z) * views_per_mm + gamma_views)))
-            if last < first:
-                continue
-            cols[n_active] = c
-            cx[n_active] = x
-            cy[n_active] = y
-            c_first[n_active] = first
-            c_last[n_active] = last
-            tile_first = min(tile_first, first)
-            tile_last = max(tile_last, last)
-            n_active += 1
-        for k in range(n_half):
-            # the views of parallel direction k (mod pi): j = k + m n_half; the rays through (x, y)
-            # have t and gamma of alternating sign, so one asin per column serves them all
-            m_first = -((k - tile_first) // n_half)  # ceil((tile_first - k) / n_half)
-            j0 = k + m_first * n_half
-            if j0 > tile_last:
-                continue
-            for a in range(n_active):
-                s0 = (-cx[a] * sin_phi[j0] + cy[a] * cos_phi[j0]) / radius
-                gamma0[a] = math.asin(s0)
-                cos_g[a] = math.sqrt(1.0 - s0 * s0)
-                d_gamma[a] = det_dist / cos_g[a] if flat else det_dist
-                lo_touched[a] = nz
-                hi_touched[a] = -1
-            sign = -1.0
-            for j in range(j0, tile_last + 1, n_half):
-                sign = -sign
-                jl = j - view0
-                sj = sin_phi[j]
-                cj = cos_phi[j]
-                for a in range(n_active):
-                    if j < c_first[a] or j > c_last[a]:
+            total[:n_groups] = 0.0
+            n_valid[:n_groups] = 0
+            for k in range(n_half):
+                # the views of parallel direction k (mod pi): j = k + m n_half; the rays through (x, y)
+                # have t and gamma of alternating sign, so one asin per column serves them all
+                m_first = -((k - tile_first) // n_half)  # ceil((tile_first - k) / n_half)
+                j0 = k + m_first * n_half
+                if j0 > tile_last:
+                    continue
+                for g in range(n_groups):
+                    if g_last[g] < g_first[g]:
                         continue
-                    x = cx[a]
-                    y = cy[a]
-                    kf = j + sign * gamma0[a] * view_scale
-                    if kf < 0.0 or kf > n_views - 1:
+                    for a in range(GROUP):
+                        s0 = (-gx[g, a] * sin_phi[j0] + gy[g, a] * cos_phi[j0]) / radius
+                        gamma0[g, a] = math.asin(s0)
+                        cos_g[g, a] = math.sqrt(1.0 - s0 * s0)
+                        d_gamma[g, a] = det_dist / cos_g[g, a] if flat else det_dist
+                    touched_lo = nz
+                    touched_hi = -1
+                    sign = -1.0
+                    for j in range(j0, tile_last + 1, n_half):
+                        sign = -sign
+                        if j < g_first[g] or j > g_last[g]:
+                            continue
+                        jl = j - view0
+                        sj = sin_phi[j]
+                        cj = cos_phi[j]
+                        # the group's rays in one vector step
+                        for a in range(GROUP):
+                            x = gx[g, a]
+                            y = gy[g, a]
+                            kf = j + sign * gamma0[g, a] * view_scale
+                            fi = (-x * sj + y * cj) * inv_t_spacing + t_center
+                            fl = math.floor(fi)
+                            inside = (kf >= 0.0) & (kf <= last_view) & (fl >= 0.0) & (fl < n_t - 1.0)
+                            ok[a] = active[g, a] if inside else 0.0
+                            fl = min(max(fl, 0.0), n_t - 2.0)
+                            i0[a] = int(fl)
+                            wi[a] = fi - fl
+                            along = radius * cos_g[g, a] - (x * cj + y * sj)  # source to voxel, in plane
+                            z_src = start_z + kf * z_per_view
+                            s = d_gamma[g, a] / along  # detector mm per mm of z offset
+                            half = v_edge / s  # |z - z_src| < half <=> |q| < 1
+                            src_z[a] = z_src
+                            slope[a] = s
+                            row_per_mm[a] = s / row_pitch_det
+                            row_at[a] = (n_rows - 1) / 2.0 - z_src * row_per_mm[a]
+                            z_lo[a] = z_src - half if inside else 1e30
+                            z_hi[a] = z_src + half if inside else -1e30
+                        lo_z = 1e30
+                        hi_z = -1e30
+                        for a in range(GROUP):
+                            if ok[a] > zero:
+                                lo_z = min(lo_z, z_lo[a])
+                                hi_z = max(hi_z, z_hi[a])
+                        if lo_z > hi_z:
+                            continue
+                        if z_step > 0.0:
+                            # the slices strictly inside (lo_z, hi_z), and any within 1e-4 of a step of its
+                            # ends (where float32 rounding may still give |q| < 1)
+                            lo = int(math.ceil((lo_z - zs[0]) * inv_z_step - 1e-4))
+                            hi = int(math.floor((hi_z - zs[0]) * inv_z_step + 1e-4))
+                        else:
+                            lo = np.searchsorted(zs, lo_z) - 1
+                            hi = np.searchsorted(zs, hi_z)
+                        lo = max(lo, 0)
+                        hi = min(hi, nz - 1)
+                        if lo > hi:
+                            continue
+                        touched_lo = min(touched_lo, lo)
+                        touched_hi = max(touched_hi, hi)
+                        # the rows the slices lo..hi read (r is linear in z: its extremes lie at the
+                        # ends), with a row's margin for rounding; rows left out keep finite values
+                        # from earlier rays, which the interpolation weighs by exactly 0
+                        r_min = 1e30
+                        r_max = -1e30
+                        for a in range(GROUP):
+                            if ok[a] > zero:
+                                r_lo_z = row_at[a] + row_per_mm[a] * zs[lo]
+                                r_hi_z = row_at[a] + row_per_mm[a] * zs[hi]
+                                r_min = min(r_min, min(r_lo_z, r_hi_z))
+                                r_max = max(r_max, max(r_lo_z, r_hi_z))
+                        row_first = max(int(math.floor(max(r_min, -1.0))) - 1, 0)
+                        row_stop = min(int(math.floor(min(r_max, n_rows + 1.0))) + 3, n_rows)
+                        # each ray's samples along those rows, interpolated in t once, as (row, column)
+                        for a in range(GROUP):
+                            if ok[a] == zero:
+                                continue
+                            base = (jl * n_t + i0[a]) * n_rows
+                            w1 = wi[a]
+                            w0 = one - w1
+                            for r in range(row_first, row_stop):
+                                profile[u64(r * GROUP + a)] = (w0 * flat_t[u64(base + r)]
+                                                               + w1 * flat_t[u64(base + n_rows + r)])
+                        # the rows r(z) = row_at[a] + row_per_mm[a] z of the columns stay within
+                        # ROW_WINDOW of their mean (checked at both ends of the z range, where the
+                        # spread is largest): then the window path, else the scalar one
+                        n_ok = 0.0
+                        mean_at = 0.0
+                        mean_per_mm = 0.0
+                        for a in range(GROUP):
+                            n_ok += ok[a]
+                            mean_at += ok[a] * row_at[a]
+                            mean_per_mm += ok[a] * row_per_mm[a]
+                        mean_at /= n_ok
+                        mean_per_mm /= n_ok
+                        spread = 0.0
+                        for a in range(GROUP):
+                            d_at = row_at[a] - mean_at
+                            d_per_mm = row_per_mm[a] - mean_per_mm
+                            d = max(abs(d_at + d_per_mm * lo_z), abs(d_at + d_per_mm * hi_z))
+                            spread = max(spread, d if ok[a] > zero else 0.0)
+                        if spread < ROW_WINDOW // 2 - 1.1:
+                            for iz in range(lo, hi + 1):
+                                z = zs32[u64(iz)]
+                                num_z = num[u64(g), u64(iz)]
+                                den_z = den[u64(g), u64(iz)]
+                                r_base = int(math.floor(mean_at + mean_per_mm * z)) - (ROW_WINDOW // 2 - 1)
+                                r_base = min(max(r_base, 0), window_last)
+                                rb = f32(r_base)
+                                row = u64(r_base * GROUP)
+                                for a in range(GROUP):
+                                    v = (z - src_z[a]) * slope[a]
+                                    q = abs(v) * inv_v_edge
+                                    # W(q): 1 up to Q, then cos^2 down to 0 at |q| = 1, 0 beyond
+                                    c = _cos(min(max(q - q_flat, zero), q_taper) * taper)
+                                    w = c * c * ok[a]
+                                    w = w if q < one else zero
+                                    rt = min(max(r_mid + v * inv_row_pitch, zero), top) - rb
+                                    val = zero
+                                    for m in range(ROW_WINDOW):
+                                        val += profile[row + u64(m * GROUP + a)] * max(zero, one - abs(rt - f32(m)))
+                                    num_z[a] += w * val
+                                    den_z[a] += w
+                        else:
+                            for iz in range(lo, hi + 1):
+                                z = zs32[u64(iz)]
+                                num_z = num[u64(g), u64(iz)]
+                                den_z = den[u64(g), u64(iz)]
+                                for a in range(GROUP):
+                                    v = (z - src_z[a]) * slope[a]
+                                    q = abs(v) * inv_v_edge
+                                    c = _cos(min(max(q - q_flat, zero), q_taper) * taper)
+                                    w = c * c * ok[a]
+                                    w = w if q < one else zero
+                                    rf = min(max(r_mid + v * inv_row_pitch, zero), top)
+                                    r0 = min(u64(rf), r_last)
+                                    wr = rf - f32(r0)
+                                    at = r0 * u64(GROUP) + u64(a)
+                                    p0 = profile[at]
+                                    num_z[a] += w * (p0 + wr * (profile[at + u64(GROUP)] - p0))
+                                    den_z[a] += w
+                    # average each voxel's partners of this direction, then add the direction
+                    for iz in range(max(touched_lo, 0), touched_hi + 1):
+                        num_z = num[u64(g), u64(iz)]
+                        den_z = den[u64(g), u64(iz)]
+                        total_z = total[u64(g), u64(iz)]
+                        valid_z = n_valid[u64(g), u64(iz)]
+                        for a in range(GROUP):
+                            d = den_z[a]
+                            seen = d > zero
+                            total_z[a] += num_z[a] / d if seen else 0.0
+                            valid_z[a] += 1 if seen else 0
+                            num_z[a] = zero
+                            den_z[a] = zero
+            for g in range(n_groups):
+                for a in range(GROUP):
+                    iy = iy0 + a
+                    if iy >= ny or active[g, a] == 0.0:
                         continue
-                    t = -x * sj + y * cj
-                    fi = t / t_spacing + t_center
-                    i0 = int(math.floor(fi))
-                    if i0 < 0 or i0 >= n_t - 1:
-                        continue
-                    wi = fi - i0
-                    along = radius * cos_g[a] - (x * cj + y * sj)  # source to voxel, in plane
-                    src_z = start_z + feed * kf / views_per_turn
-                    slope = d_gamma[a] / along  # detector mm per mm of z offset
-                    half = v_edge / slope  # |z - src_z| < half <=> |q| < 1
-                    if z_step > 0.0:
-                        lo = int(math.ceil((src_z - half - zs[0]) / z_step)) - 1
-                        hi = int(math.floor((src_z + half - zs[0]) / z_step)) + 1
-                    else:
-                        lo = np.searchsorted(zs, src_z - half) - 1
-                        hi = np.searchsorted(zs, src_z + half)
-                    lo = max(lo, 0)
-                    hi = min(hi, nz - 1)
-                    if lo > hi:
-                        continue
-                    # exact bounds: |q| < 1 on lo..hi, |q| <= Q (weight 1) on flat_lo..flat_hi
-                    while lo <= hi and abs((zs[lo] - src_z) * slope * inv_v_edge) >= 1.0:
-                        lo += 1
-                    while hi >= lo and abs((zs[hi] - src_z) * slope * inv_v_edge) >= 1.0:
-                        hi -= 1
-                    if lo > hi:
-                        continue
-                    lo_touched[a] = min(lo_touched[a], lo)
-                    hi_touched[a] = max(hi_touched[a], hi)
-                    flat_half = half * aperture_q
-                    base = (jl * n_t + i0) * n_rows
-                    num_a = num[a]
-                    den_a = den[a]
-                    if z_step > 0.0:
-                        guess_lo = int(math.ceil((src_z - flat_half - zs[0]) / z_step))
-                        guess_hi = int(math.floor((src_z + flat_half - zs[0]) / z_step))
-                    else:
-                        guess_lo = np.searchsorted(zs, src_z - flat_half)
-                        guess_hi = guess_lo
-                    flat_lo = _first_at_most(zs, src_z, slope, inv_v_edge, aperture_q, guess_lo, lo, hi)
-                    flat_hi = _last_at_most(zs, src_z, slope, inv_v_edge, aperture_q,
-                                            max(guess_hi, flat_lo - 1), lo, hi)
-                    if flat_lo > flat_hi:
-                        _span(flat_t, base, n_t, n_rows, wi, zs, src_z, slope, lo, hi, True, inv_v_edge,
-                              aperture_q, taper, r_mid, inv_row_pitch, num_a, den_a)
-                    else:
-                        _span(flat_t, base, n_t, n_rows, wi, zs, src_z, slope, lo, flat_lo - 1, True, inv_v_edge,
-                              aperture_q, taper, r_mid, inv_row_pitch, num_a, den_a)
-                        _span(flat_t, base, n_t, n_rows, wi, zs, src_z, slope, flat_lo, flat_hi, False, inv_v_edge,
-                              aperture_q, taper, r_mid, inv_row_pitch, num_a, den_a)
-                        _span(flat_t, base, n_t, n_rows, wi, zs, src_z, slope, flat_hi + 1, hi, True, inv_v_edge,
-                              aperture_q, taper, r_mid, inv_row_pitch, num_a, den_a)
-            for a in range(n_active):
-                for iz in range(lo_touched[a], hi_touched[a] + 1):
-                    if den[a, iz] > 0.0:
-                        total[a, iz] += num[a, iz] / den[a, iz]
-                        n_valid[a, iz] += 1
-                    num[a, iz] = 0.0
-                    den[a, iz] = 0.0
-        for a in range(n_active):
-            ix = ix0 + cols[a] // TILE
-            iy = iy0 + cols[a] % TILE
-            for iz in range(nz):
-                out[ix, iy, iz] = total[a, iz] * math.pi / n_valid[a, iz] if n_valid[a, iz] > 0 else 0.0
-                n_valid_out[ix, iy, iz] = n_valid[a, iz]
+                    for iz in range(nz):
+                        count = n_valid[g, iz, a]
+                        out[ix0 + g, iy, iz] = total[g, iz, a] * math.pi / count if count > 0 else 0.0
+                        n_valid_out[ix0 + g, iy, iz] = count
 
 
 @dataclass(frozen=True)
@@ -409,7 +636,8 @@ class Reconstruction:
     incomplete_mask: np.ndarray | None = None
 
 
-#: default bound on the backprojector's working copy of the filtered views (per slab of slices)
+#: default bound on the views a slab of slices holds: the filtered views (backproject), plus one chunk's
+#: fan views, rebinned views and spectrum when streaming (reconstruct, reconstruct_streamed)
 DEFAULT_MAX_SLAB_BYTES = 1 << 30
 
 Backend = Literal["auto", "numba", "torch"]
@@ -469,44 +697,143 @@ def incomplete_mask(n_valid: np.ndarray, xs_mm: np.ndarray, ys_mm: np.ndarray, m
     return (n_valid < views_per_turn // 2) & inside[:, :, None]
 
 
-def backproject(filtered: ParallelData, geometry: HelicalGeometry, settings: ReconstructionSettings,
-                xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray,
-                max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
-    """Aperture-weighted backprojection onto the grid of voxel centres xs x ys x zs (scanner frame).
+#: a function that returns the fan views ``views`` (views, rows, columns) of a projection set: a slice of
+#: an array in memory, or the blocks of a projection store that hold them
+ViewReader = Callable[[range], np.ndarray]
 
-    Works slab by slab of slices: each slab copies only the views it needs, transposed to (views, t,
-    rows) so that the kernel's walk along z reads neighbouring memory; ``max_slab_bytes`` bounds that copy.
-    """
+#: parallel views rebinned and filtered at a time when streaming (with their fan views, the working
+#: set beside the slab's filtered views)
+VIEWS_PER_CHUNK = 64
+
+
+def _backproject_slabs(filtered_block: Callable[[range], np.ndarray], geometry: HelicalGeometry,
+                       settings: ReconstructionSettings, xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray,
+                       t_spacing: float, plan_bytes: int, plan_bytes_per_view: int, strict: bool = False,
+                       fixed_bytes: int = 0) -> Reconstruction:
+    """Backproject slab by slab: ``filtered_block(views)`` gives a slab's filtered views as (views, t, rows)
+    float32; the slab plan fits ``plan_bytes_per_view`` per view into ``plan_bytes`` (``strict``: a slice
+    whose views alone exceed it is an error, else it makes a slab of its own)."""
     xs = np.asarray(xs_mm, np.float64).ravel()
     ys = np.asarray(ys_mm, np.float64).ravel()
     zs_sorted, order, step = _sorted_z(zs_mm)
-    n_views, n_rows, n_t = filtered.values.shape
+    n_views, n_t = geometry.number_of_views, geometry.detector_columns
     phi = geometry.view_angles_rad()
     sin_phi, cos_phi = np.sin(phi), np.cos(phi)
     out = np.zeros((xs.size, ys.size, zs_sorted.size), dtype=np.float32)
     n_valid = np.zeros(out.shape, dtype=np.int32)
     z_reach_scale = (geometry.detector_rows / 2.0) * geometry.row_height_at_detector_mm / geometry.source_to_detector_mm
-    plan = slab_plan(geometry, n_t, filtered.t_spacing_mm, zs_sorted, n_rows * n_t * 4, max_slab_bytes)
+    plan = slab_plan(geometry, n_t, t_spacing, zs_sorted, plan_bytes_per_view, plan_bytes)
+    if strict and any(len(views) * plan_bytes_per_view > plan_bytes for _, views in plan):
+        needed = max(len(views) for _, views in plan) * plan_bytes_per_view
+        raise ValueError(f"max_slab_bytes is too small: one slice's views need {needed + fixed_bytes} bytes")
     for z_slice, views in plan:
-        block = np.ascontiguousarray(filtered.values[views.start:views.stop].transpose(0, 2, 1))
+        block = filtered_block(views)
         zs_slab = np.ascontiguousarray(zs_sorted[z_slice])
         out_slab = np.zeros((xs.size, ys.size, zs_slab.size), dtype=np.float32)
         valid_slab = np.zeros(out_slab.shape, dtype=np.int32)
-        _backproject(block, views.start, n_views, float(filtered.t_spacing_mm), sin_phi, cos_phi,
+        _backproject(block, views.start, n_views, float(t_spacing), sin_phi, cos_phi,
                      float(geometry.source_to_isocenter_mm), float(geometry.source_to_detector_mm),
                      geometry.detector_shape == "flat", float(geometry.row_height_at_detector_mm),
                      int(geometry.views_per_turn), int(geometry.rotation_direction), float(geometry.start_z_mm),
                      float(geometry.table_feed_per_turn_mm), float(settings.aperture_q), z_reach_scale,
-                     xs, ys, zs_slab, step, out_slab, valid_slab)
+                     xs, ys, zs_slab, step, 4 * numba.get_num_threads(), out_slab, valid_slab)
+        del block
         out[:, :, z_slice] = out_slab
         n_valid[:, :, z_slice] = valid_slab
     unsorted = np.empty_like(out)
     unsorted[:, :, order] = out
     valid_unsorted = np.empty_like(n_valid)
     valid_unsorted[:, :, order] = n_valid
-    max_t = filtered.t_spacing_mm * (n_t - 1) / 2
+    max_t = t_spacing * (n_t - 1) / 2
     mask = incomplete_mask(valid_unsorted, xs, ys, max_t, geometry.views_per_turn)
     return Reconstruction(mu_per_mm=unsorted, incomplete_voxels=int(mask.sum()), incomplete_mask=mask)
+
+
+def backproject(filtered: ParallelData, geometry: HelicalGeometry, settings: ReconstructionSettings,
+                xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray,
+                max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
+    """Aperture-weighted backprojection onto the grid of voxel centres xs x ys x zs (scanner frame).
+
+    Works slab by slab of slices: each slab copies only the views it needs, transposed to (views, t,
+    rows) so that the kernel reads a ray's rows from neighbouring memory; ``max_slab_bytes`` bounds that copy.
+    """
+    n_views, n_rows, n_t = filtered.values.shape
+    if n_views != geometry.number_of_views:
+        raise ValueError("filtered views do not match the geometry's number of views")
+
+    def block(views: range) -> np.ndarray:
+        return np.ascontiguousarray(filtered.values[views.start:views.stop].transpose(0, 2, 1))
+
+    return _backproject_slabs(block, geometry, settings, xs_mm, ys_mm, zs_mm, filtered.t_spacing_mm,
+                              max_slab_bytes, n_rows * n_t * 4)
+
+
+class _RollingViews:
+    """Fan views read in ascending ranges: keeps the overlap with the previous range, reads the rest."""
+
+    def __init__(self, read_views: ViewReader):
+        self.read_views = read_views
+        self.held = range(0)
+        self.values = np.zeros((0,), np.float32)
+        self.views_read = 0  # how many views read_views delivered (a test's check on re-reading)
+
+    def get(self, views: range) -> np.ndarray:
+        if self.held.start <= views.start < self.held.stop and views.stop >= self.held.stop:
+            kept = self.values[views.start - self.held.start:]
+            new = self._read(range(self.held.stop, views.stop))
+            self.values = np.concatenate([kept, new]) if len(new) else kept
+        else:
+            self.values = self._read(views)
+        self.held = views
+        return self.values
+
+    def _read(self, views: range) -> np.ndarray:
+        values = np.asarray(self.read_views(views), dtype=np.float32)
+        self.views_read += len(views)
+        return values
+
+
+def streaming_bytes(geometry: HelicalGeometry) -> tuple[int, int]:
+    """(bytes per filtered view a slab holds, fixed bytes of the rebinning chunk) of
+    :func:`reconstruct_streamed`: a slab of V views holds at most ``V * per_view + fixed`` bytes of views."""
+    view_bytes = geometry.detector_rows * geometry.detector_columns * 4
+    lo, hi = _fan_reach(geometry)
+    chunk_fan = VIEWS_PER_CHUNK + hi - lo
+    # the chunk's fan views (twice while the window moves on), its rebinned views and their FFT
+    n_padded = 1 << int(math.ceil(math.log2(2 * geometry.detector_columns)))
+    fft_bytes = VIEWS_PER_CHUNK * geometry.detector_rows * ((n_padded // 2 + 1) * 8 + n_padded * 4)
+    return view_bytes, 2 * chunk_fan * view_bytes + 2 * VIEWS_PER_CHUNK * view_bytes + fft_bytes
+
+
+def reconstruct_streamed(read_views: ViewReader, geometry: HelicalGeometry, settings: ReconstructionSettings,
+                         xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray,
+                         max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
+    """WFBP (numba) that never holds the whole projection set: slab by slab of slices, the slab's views
+    are read through ``read_views`` VIEWS_PER_CHUNK at a time (with the neighbouring fan views rebinning
+    needs), rebinned, filtered and kept as the slab's filtered block; then backprojected.
+
+    Memory: the slab's filtered views plus one chunk's fan views, rebinned views and spectrum stay
+    below ``max_slab_bytes`` (:func:`streaming_bytes`); the output volume comes on top. Slabs overlap in
+    views, so views near slab boundaries are read and rebinned more than once. The numbers equal
+    :func:`reconstruct`'s bit for bit (the same arithmetic on every view).
+    """
+    per_view, fixed = streaming_bytes(geometry)
+    fan = _RollingViews(read_views)
+    n_rows, n_t = geometry.detector_rows, geometry.detector_columns
+    t_spacing = rebinning_coordinates(geometry).t_spacing_mm
+
+    def block(views: range) -> np.ndarray:
+        out = np.empty((len(views), n_t, n_rows), dtype=np.float32)
+        for start in range(views.start, views.stop, VIEWS_PER_CHUNK):
+            chunk = range(start, min(start + VIEWS_PER_CHUNK, views.stop))
+            needed = fan_views_needed(geometry, chunk)
+            parallel = rebin_views(fan.get(needed), needed.start, chunk, geometry)
+            filter_rows(parallel, settings.kernel, settings.cutoff)
+            out[chunk.start - views.start:chunk.stop - views.start] = parallel.values.transpose(0, 2, 1)
+        return out
+
+    return _backproject_slabs(block, geometry, settings, xs_mm, ys_mm, zs_mm, t_spacing,
+                              max_slab_bytes - fixed, per_view, strict=True, fixed_bytes=fixed)
 
 
 def resolve_backend(backend: Backend) -> str:
@@ -525,12 +852,18 @@ def resolve_backend(backend: Backend) -> str:
 def reconstruct(line_integrals: np.ndarray, geometry: HelicalGeometry, settings: ReconstructionSettings,
                 xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray, backend: Backend = "auto",
                 max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
-    """WFBP of one projection set onto the given grid: rebin, filter, backproject."""
-    if resolve_backend(backend) == "torch":
+    """WFBP of one projection set onto the given grid: rebin, filter, backproject (numba: slab by slab,
+    without a second copy of the whole set, as :func:`reconstruct_streamed`). A flying focal spot is
+    rebinned by numba (:func:`focal_spot_rebinning`); the torch backend refuses it, and ``auto`` takes
+    numba for it."""
+    use_torch = resolve_backend(backend) == "torch"
+    if use_torch and backend == "auto" and geometry.focal_spot_offsets:
+        use_torch = False
+    if use_torch:
         from .wfbp_torch import reconstruct as reconstruct_torch
 
         return reconstruct_torch(line_integrals, geometry, settings, xs_mm, ys_mm, zs_mm,
                                  max_slab_bytes=max_slab_bytes)
-    parallel = rebin_to_parallel(line_integrals, geometry)
-    filter_rows(parallel, settings.kernel, settings.cutoff)
-    return backproject(parallel, geometry, settings, xs_mm, ys_mm, zs_mm, max_slab_bytes=max_slab_bytes)
+    check_projection_shape(line_integrals, geometry)
+    return reconstruct_streamed(lambda views: line_integrals[views.start:views.stop], geometry, settings,
+                                xs_mm, ys_mm, zs_mm, max_slab_bytes=max_slab_bytes)

@@ -22,6 +22,7 @@ from .wfbp import (
     ParallelData,
     Reconstruction,
     _sorted_z,
+    check_no_flying_focal_spot,
     check_projection_shape,
     incomplete_mask,
     ramp_filter_response,
@@ -48,6 +49,7 @@ def rebin_and_filter(line_integrals: np.ndarray, geometry: HelicalGeometry, sett
     device = default_device() if device is None else torch.device(device)
     dtype = _dtype(device, dtype)
     check_projection_shape(line_integrals, geometry)
+    check_no_flying_focal_spot(geometry)
     n_views, n_rows, n_cols = line_integrals.shape
     coordinates = rebinning_coordinates(geometry)  # the same map as the numba backend
     t_spacing, view_offset, column = coordinates.t_spacing_mm, coordinates.view_offset, coordinates.column

@@ -17,7 +17,7 @@ tag                    manual name                                  VR   use
 (7031,1031)            ConstantRadialDistance (mm)                  FL   source-to-detector D
 (7031,1033)            DetectorCentralElement (column, row; 1-based) FL  central column (0-based = -1)
 (7033,100B/C/D)        SourceAngular/Axial/RadialPositionShift      FL   flying focal spot offsets
-(7033,100E)            FlyingFocalSpotMode (FFSNONE, FFSZ, ...)     CS   flying focal spot
+(7033,100E)            FlyingFocalSpotMode (FFSNONE, FFSZ, ...)     CS   recorded (the shifts are used)
 (7033,1013)            NumberofSourceAngularSteps                   US   views per turn
 (7033,1065)            PhotonStatistics (per detector column)       FL   incident counts N0
 (7041,1001)            WaterAttenuationCoefficient                  FL   recorded (mu_water of the data)
@@ -34,17 +34,21 @@ Mapping into :class:`~dosebench.core.geometry.HelicalGeometry` (whose convention
 * pitches at the isocentre = detector spacings x R / D (a curved detector's transverse spacing is an
   arc length at radius D, so its angular pitch is spacing / D);
 * detector columns run along ``e_l = (-sin beta, cos beta)``, rows upwards in z, as in dosebench;
+* flying focal spot: the per-view source shifts (7033,100B/C/D) must repeat with a period of at most
+  ``MAX_FOCAL_SPOT_PERIOD`` views (from the first file on); one period of them becomes
+  ``focal_spot_offsets`` (angle added to beta, axial to z, radial to R; the detector stays at the
+  focal centre the (7031,1001-1003) tags give). All-zero shifts give no offsets at all;
 * a table moving towards -z (the usual feet-first/head-first case, negative feed) is turned into the
   positive feed dosebench's helix needs by rotating the frame 180 degrees about x:
   ``(x, y, z) -> (x, -y, -z)``: angles and z change sign and every projection is reversed in rows
   and columns (the ``frame`` attribute of the store says so). A proper rotation: reconstructions
-  are the same object, turned over.
+  are the same object, turned over. The focal spot's angular and axial shifts change sign with it.
 
 Conversion: ``counts = N0 * exp(-p)`` per ray, N0 the view's photon statistics for the ray's column;
 N0 itself is kept beside the counts (``air.npy`` in the counts store, see :func:`air_counts_of`),
 so the simulate stage thins and normalises the raw data with the data's own flat field.
 
-Not supported (refused with an :class:`InputError`): flying focal spot data with non-zero offsets,
+Not supported (refused with an :class:`InputError`): focal spot shifts that do not repeat periodically,
 spherical detectors, axial (no table feed) scans, irregular angular sampling, a central row
 off the detector's middle.
 
@@ -69,7 +73,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from ..core.errors import InputError
-from ..core.geometry import HelicalGeometry
+from ..core.geometry import FocalSpotOffset, HelicalGeometry
 from .store import ProjectionStore, create_store
 
 # (group, element), VR
@@ -95,6 +99,22 @@ WATER_ATTENUATION = ((0x7041, 0x1001), "FL")
 PRIVATE_CREATOR = "DLX_DICOM-CT-PD"
 AIR_FILE = "air.npy"
 Z_FIT_TOLERANCE_MM = 0.05
+#: longest flying focal spot cycle accepted (scanners cycle through 2 or 4 focal positions)
+MAX_FOCAL_SPOT_PERIOD = 16
+#: shifts closer than this (rad, mm, mm) count as the same focal position (the tags are float32)
+FOCAL_SPOT_TOLERANCE = (1e-7, 1e-5, 1e-5)
+
+
+def focal_spot_period(shifts: np.ndarray) -> int | None:
+    """Smallest period p (<= MAX_FOCAL_SPOT_PERIOD, and at most half the views, so that the cycle is
+    seen at least twice) with ``shifts[k] == shifts[k % p]`` for every view k, or None."""
+    n = shifts.shape[0]
+    tolerance = np.asarray(FOCAL_SPOT_TOLERANCE)
+    for period in range(1, min(MAX_FOCAL_SPOT_PERIOD, max(n // 2, 1)) + 1):
+        expected = shifts[np.arange(n) % period]
+        if np.all(np.abs(shifts - expected) <= tolerance):
+            return period
+    return None
 
 
 def _decode(element, vr: str):
@@ -243,12 +263,17 @@ def scan_folder(folder: Path | str) -> RawScan:
                          fix="give the files of one acquisition only")
     ffs_mode = modes.pop()
     distinct = np.unique(np.round(offsets, 9), axis=0).tolist()
-    if ffs_mode != "FFSNONE" and np.any(offsets != 0.0):
-        raise InputError(
-            f"flying focal spot data ({ffs_mode}, {len(distinct)} focal positions, offsets up to "
-            f"{np.abs(offsets[:, 0]).max():.2e} rad / {np.abs(offsets[:, 1]).max():.3f} mm axial / "
-            f"{np.abs(offsets[:, 2]).max():.3f} mm radial) are not reconstructable by dosebench yet",
-            fix="use an acquisition without flying focal spot (FFSNONE), or one whose offsets are zero")
+    cycle: list[list[float]] = []
+    if np.any(offsets != 0.0):
+        period = focal_spot_period(offsets)
+        if period is None:
+            raise InputError(
+                f"the flying focal spot shifts (7033,100B/C/D; mode {ffs_mode}, {len(distinct)} distinct "
+                f"positions over {len(headers)} views) do not repeat with a period of at most "
+                f"{MAX_FOCAL_SPOT_PERIOD} views",
+                fix="give the files of one complete acquisition (no missing or reordered views); "
+                    "non-periodic focal spot motion is not supported")
+        cycle = offsets[:period].tolist()
     if np.ptp(radius) > 1e-3 or np.ptp(distance) > 1e-3:
         raise InputError("the source-to-isocentre or source-to-detector distance changes between views",
                          fix="such acquisitions are not supported")
@@ -280,6 +305,10 @@ def scan_folder(folder: Path | str) -> RawScan:
     row_height_iso = axial / magnification
     column_width_iso = transverse / magnification  # curved: R * (spacing / D); flat: spacing / M
     start_angle = float(-unwrapped[0] if flipped else unwrapped[0])
+    # turning the frame about x negates angles and z, so the angular and axial shifts too
+    sign = -1.0 if flipped else 1.0
+    focal_spot_offsets = [FocalSpotOffset(angle_rad=sign * angle, axial_mm=sign * axial, radial_mm=radial)
+                          for angle, axial, radial in cycle]
     try:
         geometry = HelicalGeometry(
             source_to_isocenter_mm=source_to_iso, source_to_detector_mm=source_to_det,
@@ -289,7 +318,8 @@ def scan_folder(folder: Path | str) -> RawScan:
             central_column=(columns - 1) - central_column if flipped else central_column,
             views_per_turn=views_per_turn, pitch=abs(feed_per_turn) / (rows * row_height_iso),
             start_angle_rad=start_angle, rotation_direction=-direction if flipped else direction,
-            number_of_views=len(headers), start_z_mm=float(-intercept if flipped else intercept))
+            number_of_views=len(headers), start_z_mm=float(-intercept if flipped else intercept),
+            focal_spot_offsets=focal_spot_offsets)
     except ValidationError as exc:
         first_line = str(exc).strip().splitlines()
         raise InputError(f"the acquisition does not fit dosebench's helical model: {' '.join(first_line[:3])}",
@@ -378,12 +408,14 @@ def air_counts_of(store: ProjectionStore) -> np.ndarray | None:
 
 def write_dicom_ct_pd(folder: Path | str, line_integrals: np.ndarray, geometry: HelicalGeometry,
                       photons_per_column: np.ndarray | float, *, mu_water_per_mm: float = 0.0193,
-                      ffs_mode: str = "FFSNONE", ffs_offsets: Sequence[tuple[float, float, float]] | None = None,
+                      ffs_mode: str | None = None, ffs_offsets: Sequence[tuple[float, float, float]] | None = None,
                       implicit_vr: bool = False, flip: bool = False) -> list[Path]:
     """Write ``line_integrals`` (views x rows x columns, in ``geometry``'s frame) as DICOM-CT-PD files,
     one per view, in the manual's layout (uint16 pixels with RescaleSlope/Intercept, Rows = detector
     columns). ``flip`` writes the same scan as a table moving towards -z (the frame turned 180 degrees
-    about x). ``ffs_offsets`` cycle over the views. For tests and examples: not a scanner's full header."""
+    about x). ``ffs_offsets`` (angular rad, axial mm, radial mm in the file's frame) cycle over the views;
+    by default they are ``geometry.focal_spot_offsets`` (converted to the file's frame), and ``ffs_mode``
+    is named after the components that move. For tests and examples: not a scanner's full header."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     g = geometry
@@ -396,6 +428,15 @@ def write_dicom_ct_pd(folder: Path | str, line_integrals: np.ndarray, geometry: 
     angles = g.view_angles_rad()
     z = g.source_z_mm()
     central_column = g.central_column_index
+    if ffs_offsets is None:
+        sign = -1.0 if flip else 1.0
+        ffs_offsets = [(sign * o.angle_rad, sign * o.axial_mm, o.radial_mm) for o in g.focal_spot_offsets]
+    if ffs_mode is None:
+        shifts = np.abs(np.asarray(ffs_offsets, dtype=np.float64).reshape(-1, 3)).sum(axis=0)
+        # a radial shift comes with either kind (the anode's slope), so only angle and z name the mode
+        in_plane, axial = shifts[0] > 0, shifts[1] > 0
+        ffs_mode = {(False, False): "FFSNONE", (False, True): "FFSZ", (True, False): "FFSXY",
+                    (True, True): "FFSXYZ"}[(bool(in_plane), bool(axial))]
     if flip:
         angles, z, central_column = -angles, -z, (columns - 1) - central_column
     study, series = generate_uid(), generate_uid()

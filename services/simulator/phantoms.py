@@ -49,7 +49,8 @@ class Ellipsoid:
 
 def analytic_line_integrals(phantom: list[Ellipsoid], geometry: HelicalGeometry,
                             views: range | None = None) -> np.ndarray:
-    """Exact line integrals (float32, views x rows x columns) of ``phantom`` for ``geometry``."""
+    """Exact line integrals (float32, views x rows x columns) of ``phantom`` for ``geometry``: along the
+    rays from the actual sources (flying focal spot included) through the detector elements."""
     views = range(geometry.number_of_views) if views is None else views
     sources = geometry.source_positions_mm(views)[:, None, None, :]
     directions = geometry.ray_directions(views)
@@ -57,6 +58,20 @@ def analytic_line_integrals(phantom: list[Ellipsoid], geometry: HelicalGeometry,
     for ellipsoid in phantom:
         total += ellipsoid.mu_per_mm * ellipsoid.chord_mm(sources, directions)
     return total.astype(np.float32)
+
+
+def line_integrals_between(phantom: list[Ellipsoid], sources_mm: np.ndarray, detectors_mm: np.ndarray) -> np.ndarray:
+    """Exact line integrals (float64) along the lines from ``sources_mm`` (..., 3) through
+    ``detectors_mm`` (..., 3), broadcast together: any source and detector positions, e.g.
+    ``geometry.source_positions_mm(views)[:, None, None]`` and ``geometry.detector_positions_mm(views)``.
+    The whole line counts (an ellipsoid beyond the detector too)."""
+    sources = np.asarray(sources_mm, dtype=np.float64)
+    offsets = np.asarray(detectors_mm, dtype=np.float64) - sources
+    directions = offsets / np.linalg.norm(offsets, axis=-1, keepdims=True)
+    total = np.zeros(np.broadcast_shapes(sources.shape, directions.shape)[:-1], dtype=np.float64)
+    for ellipsoid in phantom:
+        total += ellipsoid.mu_per_mm * ellipsoid.chord_mm(sources, directions)
+    return total
 
 
 def voxelize(phantom: list[Ellipsoid], xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray,

@@ -4,7 +4,8 @@ the other two axes, zero outside the grid in x and y, the edge slices continued 
 available and on the CPU for parity checks.
 
 Rays are grouped by their dominant in-plane axis and processed in chunks of ``rays x planes`` samples
-at a time (``max_samples``), so memory stays bounded whatever the scan size.
+at a time (``max_samples``), so memory stays bounded whatever the scan size. Rays run from the actual
+source (flying focal spot included) to the nominal detector element, as in the numba projector.
 """
 
 from __future__ import annotations
@@ -74,19 +75,23 @@ def forward_project_torch(mu_per_mm: np.ndarray | torch.Tensor, spacing_mm: tupl
         return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=dtype, device=device)
 
     betas = tensor(geometry.view_angles_rad()[views.start:views.stop])
-    source_z = tensor(geometry.source_z_mm()[views.start:views.stop])
+    # actual source (flying focal spot included) and nominal focal centre, which carries the detector
+    source = tensor(geometry.source_positions_mm(views))
+    centre = tensor(geometry.focal_centre_positions_mm(views))
     gammas_np = geometry.fan_angles_rad()
     gammas = tensor(gammas_np)
     d_gamma = tensor(np.full_like(gammas_np, geometry.source_to_detector_mm) if geometry.detector_shape == "curved"
                      else geometry.source_to_detector_mm / np.cos(gammas_np))
     row_v = tensor(geometry.row_offsets_mm())
-    radius = float(geometry.source_to_isocenter_mm)
     n_views, n_rows, n_cols = len(views), geometry.detector_rows, geometry.detector_columns
 
     cb, sb = torch.cos(betas)[:, None], torch.sin(betas)[:, None]
-    cg, sg = torch.cos(gammas)[None, :], torch.sin(gammas)[None, :]
-    ux_vc = -cg * cb - sg * sb  # (views, columns)
-    uy_vc = -cg * sb + sg * cb
+    cg, sg = (d_gamma * torch.cos(gammas))[None, :], (d_gamma * torch.sin(gammas))[None, :]
+    # element minus actual source, in plane (views, columns): D_gamma (cos g e_c + sin g e_l) + centre - source;
+    # in z (views, rows): v + centre_z - source_z
+    ux_vc = -cg * cb - sg * sb + (centre[:, 0] - source[:, 0])[:, None]
+    uy_vc = -cg * sb + sg * cb + (centre[:, 1] - source[:, 1])[:, None]
+    uz_vr = row_v[None, :] + (centre[:, 2] - source[:, 2])[:, None]
     x_dominant = (ux_vc.abs() >= uy_vc.abs())[:, None, :].expand(n_views, n_rows, n_cols).reshape(-1)
     out = torch.empty(n_views * n_rows * n_cols, dtype=dtype, device=device)
 
@@ -104,21 +109,20 @@ def forward_project_torch(mu_per_mm: np.ndarray | torch.Tensor, spacing_mm: tupl
             row = (r // n_cols) % n_rows
             col = r % n_cols
             ux, uy = ux_vc[v, col][:, None], uy_vc[v, col][:, None]
-            uz = (row_v[row] / d_gamma[col])[:, None]
-            sx = radius * torch.cos(betas[v])[:, None]
-            sy = radius * torch.sin(betas[v])[:, None]
-            sz = source_z[v][:, None]
+            uz = uz_vr[v, row][:, None]
+            sx, sy, sz = source[v, 0][:, None], source[v, 1][:, None], source[v, 2][:, None]
+            length = torch.sqrt(ux[:, 0] ** 2 + uy[:, 0] ** 2 + uz[:, 0] ** 2)
             if use_x:
                 s = (plane_coords[None, :] - sx) / ux
                 fa = (sy + s * uy) / dy + cy
                 fb = (sz + s * uz) / dz + cz
                 samples = _bilinear(flat, planes[None, :], ny * nz, nz, fa, fb, ny, nz)
-                step = dx * torch.sqrt(1.0 + uz[:, 0] ** 2) / ux[:, 0].abs()
+                step = dx * length / ux[:, 0].abs()
             else:
                 s = (plane_coords[None, :] - sy) / uy
                 fa = (sx + s * ux) / dx + cx
                 fb = (sz + s * uz) / dz + cz
                 samples = _bilinear(flat, planes[None, :], nz, ny * nz, fa, fb, nx, nz)
-                step = dy * torch.sqrt(1.0 + uz[:, 0] ** 2) / uy[:, 0].abs()
+                step = dy * length / uy[:, 0].abs()
             out[r] = samples.sum(dim=1) * step
     return out.reshape(n_views, n_rows, n_cols)
