@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from service_processes import embedded_server  # noqa: E402  (tests/ helper)
 
 from dosebench.api.app import create_app  # noqa: E402
 from dosebench.api.embedded import EmbeddedWorker  # noqa: E402
@@ -68,12 +69,7 @@ def test_embedded_server_runs_a_job(tmp_path: Path, cropped_ct: Path, monkeypatc
 @pytest.mark.slow
 def test_serve_embedded_token_and_submit_commands(tmp_path: Path, cropped_ct: Path, run_cli) -> None:
     """The real commands over real HTTP: `db upgrade`, `token create`, `serve --embedded`, `submit`."""
-    import os
-    import socket
-    import subprocess
-    import sys
 
-    import httpx
 
     home = tmp_path / "server"
     created = run_cli("token", "create", "cli-test", "--home", home)
@@ -81,24 +77,7 @@ def test_serve_embedded_token_and_submit_commands(tmp_path: Path, cropped_ct: Pa
     token = created.stdout.strip().splitlines()[-1]
     assert token.startswith("dbt_") and "shown only this once" in created.stderr
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOSEBENCH_")}
-    server = subprocess.Popen([sys.executable, "-m", "dosebench.cli", "serve", "--embedded", "--home", str(home),
-                               "--port", str(port), "--log-level", "warning"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the embedded server did not start"
-            time.sleep(0.2)
+    with embedded_server(home, tmp_path / "server.log") as base:
         out = tmp_path / "results"
         submitted = run_cli("submit", "--input", cropped_ct, "--doses", "0.5", "--protocol", "tiny",
                             "--segmenter", "threshold", "--seed", "7", "--out", out, "--url", base,
@@ -111,9 +90,6 @@ def test_serve_embedded_token_and_submit_commands(tmp_path: Path, cropped_ct: Pa
         refused = run_cli("submit", "--input", cropped_ct, "--doses", "0.5", "--out", tmp_path / "x",
                           "--url", base, "--token", "wrong")
         assert refused.returncode == 2 and "401" in refused.stderr
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_embedded_worker_fires_due_schedules_and_finalises_their_runs(tmp_path: Path,

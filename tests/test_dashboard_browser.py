@@ -10,13 +10,11 @@ skips with the reason; under CI=true it fails instead.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from service_processes import embedded_server as start_embedded_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -51,37 +49,12 @@ def browser():
 
 @pytest.fixture
 def embedded_server(tmp_path: Path, run_cli):
-    import httpx
-
     home = tmp_path / "server"
     created = run_cli("token", "create", "browser-test", "--home", home)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip().splitlines()[-1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOSEBENCH_")}
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "dosebench.cli", "serve", "--embedded", "--home", str(home),
-                               "--port", str(port), "--log-level", "warning"], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, \
-                f"the embedded server did not start:\n{(tmp_path / 'server.log').read_text()}"
-            time.sleep(0.2)
+    with start_embedded_server(home, tmp_path / "server.log") as base:
         yield base, token
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.slow

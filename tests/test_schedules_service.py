@@ -20,7 +20,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from service_processes import CliProcess, start_service, stop_service  # noqa: E402  (tests/ helper)
 from sqlalchemy import select
 
 from dosebench.core import cohorts, schedules
@@ -44,9 +44,7 @@ from dosebench.core.db import (
     EvaluationRun,
     Job,
     session_factory,
-    upgrade_database,
 )
-from dosebench.core.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -78,52 +76,18 @@ def crops(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def service(postgres_url, redis_url, broker_key_prefix, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("storage")
-    env_values = {
-        "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "BROKER_KEY_PREFIX": broker_key_prefix,
-        "STORAGE_URL": "file://" + str(storage),
-        "HEARTBEAT_INTERVAL_S": "0.3", "STALE_AFTER_S": "5", "REAPER_INTERVAL_S": "2", "MAX_ATTEMPTS": "3",
-        "EVALUATION_INTERVAL_S": "1", "SCHEDULE_POLL_INTERVAL_S": "0.5", "SCHEDULER_LEASE_S": "4",
-    }
-    settings = Settings(**{k.lower(): v for k, v in env_values.items()})
-    upgrade_database(postgres_url)
-    from dosebench.core import celery_app
-
-    celery_app.configure(settings)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{f"DOSEBENCH_{k}": v for k, v in env_values.items()})
-    yield {"settings": settings, "env": env, "logs": tmp_path_factory.mktemp("logs")}
-    celery_app.configure()
-
-
-class Process:
-    """A ``python -m dosebench.cli ...`` subprocess in its own process group, logging to a file."""
-
-    def __init__(self, service: dict, name: str, *args: str) -> None:
-        self.log = service["logs"] / f"{name}.log"
-        self._handle = self.log.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "dosebench.cli", *args], env=service["env"],
-                                        cwd=service["logs"], stdout=self._handle, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=20)
-        self._handle.close()
+    yield start_service(postgres_url, redis_url, broker_key_prefix, tmp_path_factory.mktemp("storage"),
+                        tmp_path_factory.mktemp("logs"), HEARTBEAT_INTERVAL_S="0.3", STALE_AFTER_S="5",
+                        REAPER_INTERVAL_S="2", MAX_ATTEMPTS="3", EVALUATION_INTERVAL_S="1",
+                        SCHEDULE_POLL_INTERVAL_S="0.5", SCHEDULER_LEASE_S="4")
+    stop_service()
 
 
 @pytest.fixture(scope="module")
 def system(service):
-    worker = Process(service, "worker", "worker", "--queues", "simulate,reconstruct,segment,evaluate",
+    worker = CliProcess(service, "worker", "worker", "--queues", "simulate,reconstruct,segment,evaluate",
                      "--concurrency", "1", "--pool", "solo", "--loglevel", "info", "--name", "schedules-test@%h")
-    beats = [Process(service, f"beat-{i}", "beat", "--schedule", str(service["logs"] / f"beat-{i}.schedule"))
+    beats = [CliProcess(service, f"beat-{i}", "beat", "--schedule", str(service["logs"] / f"beat-{i}.schedule"))
              for i in range(2)]
     yield {"worker": worker, "beats": beats}
     for process in (*beats, worker):

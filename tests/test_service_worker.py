@@ -10,15 +10,13 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from service_processes import CliProcess, start_service, stop_service  # noqa: E402  (tests/ helper)
 from sqlalchemy import select
 
 from dosebench.core import jobs
@@ -33,11 +31,9 @@ from dosebench.core.db import (
     Metric,
     Stage,
     session_factory,
-    upgrade_database,
 )
 from dosebench.core.doses import dose_label
 from dosebench.core.protocol import load_protocol
-from dosebench.core.settings import Settings
 from dosebench.stages import JobSpec
 
 pytestmark = pytest.mark.slow
@@ -51,51 +47,18 @@ QUEUE_LIST = "simulate,reconstruct,segment,evaluate"
 @pytest.fixture(scope="module")
 def service(postgres_url, redis_url, broker_key_prefix, tmp_path_factory):
     """Settings (environment for the workers, Settings for this process) on the test servers."""
-    storage = tmp_path_factory.mktemp("storage")
-    env_values = {
-        "DATABASE_URL": postgres_url, "BROKER_URL": redis_url, "BROKER_KEY_PREFIX": broker_key_prefix,
-        "STORAGE_URL": "file://" + str(storage),
-        "HEARTBEAT_INTERVAL_S": "0.3", "STALE_AFTER_S": "3", "REAPER_INTERVAL_S": "1", "MAX_ATTEMPTS": "3",
-    }
-    settings = Settings(**{k.lower(): v for k, v in env_values.items()})
-    upgrade_database(postgres_url)
-    from dosebench.core import celery_app
-
-    celery_app.configure(settings)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{f"DOSEBENCH_{k}": v for k, v in env_values.items()})
-    yield {"settings": settings, "env": env, "storage": storage, "logs": tmp_path_factory.mktemp("worker-logs")}
-    celery_app.configure()  # back to the environment's settings
+    yield start_service(postgres_url, redis_url, broker_key_prefix, tmp_path_factory.mktemp("storage"),
+                        tmp_path_factory.mktemp("worker-logs"), HEARTBEAT_INTERVAL_S="0.3", STALE_AFTER_S="3",
+                        REAPER_INTERVAL_S="1", MAX_ATTEMPTS="3")
+    stop_service()
 
 
-class Worker:
-    """``python -m dosebench.cli worker`` in its own process group (so SIGKILL takes every process)."""
+class Worker(CliProcess):
+    """``dosebench worker`` serving every queue (solo pool unless told otherwise)."""
 
     def __init__(self, service: dict, *extra: str, pool: str = "solo") -> None:
-        self.log = service["logs"] / f"worker-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "dosebench.cli", "worker", "--queues", QUEUE_LIST, "--concurrency", "1",
-                   "--pool", pool, "--loglevel", "info", "--name", f"test-{time.monotonic_ns()}@%h", *extra]
-        self._handle = self.log.open("wb")
-        self.process = subprocess.Popen(command, env=service["env"], cwd=service["logs"], stdout=self._handle,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
-        self._handle.close()
-
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        super().__init__(service, "worker", "worker", "--queues", QUEUE_LIST, "--concurrency", "1", "--pool", pool,
+                         "--loglevel", "info", "--name", f"test-{time.monotonic_ns()}@%h", *extra)
 
 
 @pytest.fixture(scope="module")
