@@ -36,6 +36,10 @@ from typing import Literal
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..core.geometry import HelicalGeometry
 from ..core.protocol import ReconstructionSettings
@@ -324,17 +328,233 @@ FASTMATH = {"contract", "arcp", "nsz", "afn", "reassoc"}
 
 #: voxel columns (consecutive y) the kernel updates as one vector: every loop over them has this fixed
 #: length and no branch, so LLVM vectorises it (rays cross only a few slices of a coarse grid: a loop
-#: along z would be too short to vectorise)
+#: along z would be too short to vectorise; 16: the profile is transposed as two blocks of 8 rays, and
+#: _min_of / _max_of reduce 16 values)
 GROUP = 16
 
 #: groups (consecutive x) per tile: the tile's groups share each view's data while it is in cache
-TILE_GROUPS = 8
+TILE_GROUPS = 16
 
 #: detector rows around the group's mean row that the vectorised row interpolation reads per slice:
-#: LLVM does not vectorise gathers here, so each column's linear interpolation between rows r0 and
-#: r0 + 1 is computed as a sum of hat functions over this fixed window of rows (exactly the same two
-#: non-zero terms); a view whose columns spread over more rows than the window holds takes a scalar loop
+#: LLVM does not vectorise gathers here, so each column's rows r0 and r0 + 1 of its linear interpolation
+#: are picked from this fixed window of rows by blends (:func:`_update_slice`); a view whose columns
+#: spread over more rows than the window holds takes a scalar loop
 ROW_WINDOW = 6
+
+#: fields of the kernel's per-column array (per group of columns): position, 1.0 if inside the grid and
+#: the rebinned field, and per direction the fan angle in views, the in-plane source distance term
+#: ``R cos(gamma)`` and the detector distance along the ray
+C_X, C_Y, C_ACTIVE, C_GAMMA, C_COS, C_DIST = range(6)
+C_FIELDS = 6
+
+#: fields of the kernel's per-view ray array: weight 1.0/0.0 (ray on the detector and in the scan), first
+#: t sample and the weight of the second, source z, detector mm per mm of z, row per mm of z, row at
+#: z = 0, and the z range where |q| < 1 (empty when the weight is 0)
+R_OK, R_T0, R_WT, R_SRC, R_SLOPE, R_PER_MM, R_AT, R_LO, R_HI, R_SPREAD = range(10)
+R_FIELDS = 10
+
+
+@numba.njit(inline="always")
+def _min_of(x, at):
+    """min(x[at:at + 16]) as a tree (four dependent steps instead of sixteen)."""
+    a0 = min(x[at], x[at + 8])
+    a1 = min(x[at + 1], x[at + 9])
+    a2 = min(x[at + 2], x[at + 10])
+    a3 = min(x[at + 3], x[at + 11])
+    a4 = min(x[at + 4], x[at + 12])
+    a5 = min(x[at + 5], x[at + 13])
+    a6 = min(x[at + 6], x[at + 14])
+    a7 = min(x[at + 7], x[at + 15])
+    return min(min(min(a0, a4), min(a2, a6)), min(min(a1, a5), min(a3, a7)))
+
+
+@numba.njit(inline="always")
+def _max_of(x, at):
+    """max(x[at:at + 16]) as a tree."""
+    a0 = max(x[at], x[at + 8])
+    a1 = max(x[at + 1], x[at + 9])
+    a2 = max(x[at + 2], x[at + 10])
+    a3 = max(x[at + 3], x[at + 11])
+    a4 = max(x[at + 4], x[at + 12])
+    a5 = max(x[at + 5], x[at + 13])
+    a6 = max(x[at + 6], x[at + 14])
+    a7 = max(x[at + 7], x[at + 15])
+    return max(max(max(a0, a4), max(a2, a6)), max(max(a1, a5), max(a3, a7)))
+
+
+#: shuffles of the 8 x 8 float32 transpose (unpack, shuffle, then swap of 128-bit halves)
+_UNPACK_LO = (0, 8, 1, 9, 4, 12, 5, 13)
+_UNPACK_HI = (2, 10, 3, 11, 6, 14, 7, 15)
+_PAIR_LO = (0, 1, 8, 9, 4, 5, 12, 13)
+_PAIR_HI = (2, 3, 10, 11, 6, 7, 14, 15)
+_HALF_LO = (0, 1, 2, 3, 8, 9, 10, 11)
+_HALF_HI = (4, 5, 6, 7, 12, 13, 14, 15)
+
+
+@intrinsic
+def _rows_to_profile(typingctx, src, offsets, a0, step, weights, profile, at):
+    """Eight rows of eight rays into the profile, transposed in registers: ``profile[at + r * GROUP + c] =
+    (1 - w) src[o + r] + w src[o + step + r]`` for r, c in 0..7, with ``o = offsets[a0 + c]`` and ``w =
+    weights[a0 + c]``. LLVM would store a loop's (row, column) transpose element by element (a scatter);
+    here each ray's eight rows are two vector loads and each profile row one vector store."""
+    sig = types.void(src, offsets, a0, step, weights, profile, at)
+
+    def codegen(context, builder, signature, args):
+        src_v, offsets_v, a0_v, step_v, weights_v, profile_v, at_v = args
+        src_a = context.make_array(signature.args[0])(context, builder, src_v)
+        offsets_a = context.make_array(signature.args[1])(context, builder, offsets_v)
+        weights_a = context.make_array(signature.args[4])(context, builder, weights_v)
+        profile_a = context.make_array(signature.args[5])(context, builder, profile_v)
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(f32, 8)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
+
+        def broadcast(value):
+            return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef, splat)
+
+        def shuffle(x, y, mask):
+            return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), list(mask)))
+
+        rays = []
+        for c in range(8):
+            index = builder.add(a0_v, ir.Constant(i64, c))
+            offset = builder.load(builder.gep(offsets_a.data, [index]))
+            x0 = builder.load(builder.bitcast(builder.gep(src_a.data, [offset]), vec.as_pointer()), align=4)
+            x1 = builder.load(builder.bitcast(builder.gep(src_a.data, [builder.add(offset, step_v)]),
+                                              vec.as_pointer()), align=4)
+            w1 = builder.load(builder.gep(weights_a.data, [index]))
+            w0 = builder.fsub(ir.Constant(f32, 1.0), w1)
+            rays.append(builder.fadd(builder.fmul(broadcast(w0), x0), builder.fmul(broadcast(w1), x1)))
+        t = []
+        for p in range(4):
+            t += [shuffle(rays[2 * p], rays[2 * p + 1], _UNPACK_LO), shuffle(rays[2 * p], rays[2 * p + 1], _UNPACK_HI)]
+        u = [shuffle(t[0], t[2], _PAIR_LO), shuffle(t[0], t[2], _PAIR_HI),
+             shuffle(t[1], t[3], _PAIR_LO), shuffle(t[1], t[3], _PAIR_HI),
+             shuffle(t[4], t[6], _PAIR_LO), shuffle(t[4], t[6], _PAIR_HI),
+             shuffle(t[5], t[7], _PAIR_LO), shuffle(t[5], t[7], _PAIR_HI)]
+        rows = ([shuffle(u[i], u[i + 4], _HALF_LO) for i in range(4)]
+                + [shuffle(u[i], u[i + 4], _HALF_HI) for i in range(4)])
+        for r in range(8):
+            position = builder.add(at_v, ir.Constant(i64, GROUP * r))
+            builder.store(rows[r], builder.bitcast(builder.gep(profile_a.data, [position]), vec.as_pointer()),
+                          align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to fetch the cache line of ``array[index]`` (a hint: no effect on results)."""
+    sig = types.void(array, index)
+
+    def codegen(context, builder, signature, args):
+        array_a = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        # named for the i8* of llvmlite's IR (LLVM with opaque pointers renames it to .p0)
+        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                  "llvm.prefetch.p0i8")
+        address = builder.bitcast(builder.gep(array_a.data, [args[1]]), i8p)
+        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: Taylor coefficients of :func:`_cos` in u^2, highest first
+_COS_COEFFICIENTS = (-1.0 / 87178291200.0, 1.0 / 479001600.0, -1.0 / 3628800.0, 1.0 / 40320.0, -1.0 / 720.0,
+                     1.0 / 24.0, -0.5, 1.0)
+
+
+@intrinsic
+def _update_slice(typingctx, rays, profile, row, num, den, at, z, rb, constants):
+    """One slice's update of the GROUP columns as one vector of GROUP float32 (LLVM's loop vectoriser
+    stops at 256 bits, half the group, on AVX-512; on narrower machines the vector is split), with the
+    arithmetic of the scalar loop it replaces: for each column a, ``v = (z - src_z) slope``, ``q = |v| /
+    v_edge``, the weight ``W(q) ok`` (0 for q >= 1; the cos^2 taper by :func:`_cos`'s polynomial), the
+    row ``rt = clip(r_mid + v / row_pitch, 0, top) - rb`` interpolated linearly in the ROW_WINDOW rows of
+    ``profile`` from ``row`` (the two rows picked by blends), and ``num[at + a] += W val``,
+    ``den[at + a] += W``.
+    ``rays`` holds src_z, slope and ok (GROUP each); ``constants`` 1 / v_edge, Q, 1 - Q, the taper's
+    pi / 2 / (1 - Q), r_mid, 1 / row_pitch and top."""
+    sig = types.void(rays, profile, row, num, den, at, z, rb, constants)
+
+    def codegen(context, builder, signature, args):
+        rays_v, profile_v, row_v, num_v, den_v, at_v, z_v, rb_v, constants_v = args
+        rays_a = context.make_array(signature.args[0])(context, builder, rays_v)
+        profile_a = context.make_array(signature.args[1])(context, builder, profile_v)
+        num_a = context.make_array(signature.args[3])(context, builder, num_v)
+        den_a = context.make_array(signature.args[4])(context, builder, den_v)
+        constants_a = context.make_array(signature.args[8])(context, builder, constants_v)
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(f32, GROUP)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, GROUP), [0] * GROUP)
+        suffix = f"v{GROUP}f32"
+        module = builder.module
+        fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{suffix}")
+        fabs = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), f"llvm.fabs.{suffix}")
+        vmin = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 2), f"llvm.minnum.{suffix}")
+        vmax = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 2), f"llvm.maxnum.{suffix}")
+        floor = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), f"llvm.floor.{suffix}")
+
+        def broadcast(value):
+            return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef, splat)
+
+        def constant(k):
+            return broadcast(builder.load(builder.gep(constants_a.data, [ir.Constant(i64, k)])))
+
+        def pointer(array, offset):
+            return builder.bitcast(builder.gep(array.data, [offset]), vec.as_pointer())
+
+        def load(array, offset):
+            return builder.load(pointer(array, offset), align=4)
+
+        def uniform(x):
+            return ir.Constant(vec, [x] * GROUP)
+
+        inv_v_edge, q_flat, q_taper, taper, r_mid, inv_row_pitch, top = (constant(k) for k in range(7))
+        src_z = load(rays_a, ir.Constant(i64, 0))
+        slope = load(rays_a, ir.Constant(i64, GROUP))
+        ok = load(rays_a, ir.Constant(i64, 2 * GROUP))
+        zero = uniform(0.0)
+        one = uniform(1.0)
+        v = builder.fmul(builder.fsub(broadcast(z_v), src_z), slope)
+        q = builder.fmul(builder.call(fabs, [v]), inv_v_edge)
+        u = builder.fmul(builder.call(vmin, [builder.call(vmax, [builder.fsub(q, q_flat), zero]), q_taper]), taper)
+        u2 = builder.fmul(u, u)
+        c = uniform(_COS_COEFFICIENTS[0])
+        for coefficient in _COS_COEFFICIENTS[1:]:
+            c = builder.call(fma, [c, u2, uniform(coefficient)])
+        w = builder.select(builder.fcmp_ordered("<", q, one), builder.fmul(builder.fmul(c, c), ok), zero)
+        rt = builder.call(vmin, [builder.call(vmax, [builder.call(fma, [v, inv_row_pitch, r_mid]), zero]), top])
+        rt = builder.fsub(rt, broadcast(rb_v))
+        # linear interpolation between rows r0 = floor(rt) and r0 + 1 of the window, each column's two
+        # rows picked by blends (0 <= rt <= ROW_WINDOW - 1 where the weight is not 0; rt = ROW_WINDOW - 1
+        # takes r0 = ROW_WINDOW - 2 and its weight 1 for the row above)
+        r0 = builder.call(vmin, [builder.call(vmax, [builder.call(floor, [rt]), zero]), uniform(ROW_WINDOW - 2.0)])
+        frac = builder.fsub(rt, r0)
+        rows = [load(profile_a, builder.add(row_v, ir.Constant(i64, m * GROUP))) for m in range(ROW_WINDOW)]
+        p_lo = rows[0]
+        p_hi = rows[1]
+        for m in range(1, ROW_WINDOW - 1):
+            at_m = builder.fcmp_ordered(">=", r0, uniform(float(m)))
+            p_lo = builder.select(at_m, rows[m], p_lo)
+            p_hi = builder.select(at_m, rows[m + 1], p_hi)
+        val = builder.call(fma, [builder.fsub(p_hi, p_lo), frac, p_lo])
+        num_p = pointer(num_a, at_v)
+        den_p = pointer(den_a, at_v)
+        builder.store(builder.call(fma, [w, val, builder.load(num_p, align=4)]), num_p, align=4)
+        builder.store(builder.fadd(builder.load(den_p, align=4), w), den_p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -346,15 +566,18 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
 
     Voxel columns are taken GROUP at a time (consecutive y), TILE_GROUPS groups to a tile; tiles are
     dealt round-robin to ``n_workers`` parallel tasks (the corners outside the field hold no work).
-    Per tile and parallel direction k, the views of that direction (j = k + m n_half) are walked once.
+    Per tile and parallel direction k, the views of that direction (j = k + m n_half) are walked once
+    (the next direction's data of the tile is prefetched meanwhile, :func:`_prefetch`).
     For one group and view, each column's ray (t, fan angle, source z, slope of q along z) is set up
-    in one vector step, its two neighbouring t samples are interpolated into one profile along the rows
-    (only the rows the slab's slices reach), and the slices where any of the group's rays has |q| < 1
-    are visited; per slice, the GROUP columns are updated in float32 with the weight and the row
-    interpolation computed branch-free (weight 0 where |q| >= 1; rows as a ROW_WINDOW sum of hat
-    functions, as LLVM does not vectorise gathers). Per voxel, the sums run in the same order as a voxel-by-voxel loop over views (per
-    direction by ascending view, partners averaged with their weights, then over directions), so a slab
-    or tile split changes no bit of a result.
+    in one vector step (fields of one flat array, so that LLVM vectorises without alias checks), its two
+    neighbouring t samples are interpolated into one profile along the rows (only the rows the slab's
+    slices reach; eight rows of eight rays at a time, transposed in registers by
+    :func:`_rows_to_profile`), and the slices where any of the group's rays has |q| < 1 are visited; per
+    slice, the GROUP columns are updated as one float32 vector (:func:`_update_slice`) with the weight
+    and the row interpolation computed branch-free (weight 0 where |q| >= 1; each column's two rows
+    picked from a window of ROW_WINDOW rows by blends, as LLVM does not vectorise gathers). Per voxel, the sums run in the same order as a
+    voxel-by-voxel loop over views (per direction by ascending view, partners averaged with their
+    weights, then over directions), so a slab or tile split changes no bit of a result.
     """
     n_local, n_t, n_rows = filtered_t.shape
     flat_t = filtered_t.ravel()
@@ -380,6 +603,9 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
     q_flat = f32(aperture_q)
     q_taper = f32(1.0 - aperture_q)
     taper = f32(0.5 * math.pi / (1.0 - aperture_q))
+    # the slice update's constants (see _update_slice)
+    constants = np.array([1.0 / v_edge, aperture_q, 1.0 - aperture_q, 0.5 * math.pi / (1.0 - aperture_q),
+                          (n_rows - 1) / 2.0, 1.0 / row_pitch_det, n_rows - 1.0], dtype=np.float32)
     max_t = t_center * t_spacing
     views_per_mm = views_per_turn / feed
     view_scale = direction * views_per_turn / (2.0 * math.pi)
@@ -396,24 +622,21 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
         den = np.zeros((TILE_GROUPS, nz, GROUP), dtype=np.float32)
         total = np.zeros((TILE_GROUPS, nz, GROUP))
         n_valid = np.zeros((TILE_GROUPS, nz, GROUP), dtype=np.int32)
-        gx = np.zeros((TILE_GROUPS, GROUP))
-        gy = np.zeros((TILE_GROUPS, GROUP))
-        active = np.zeros((TILE_GROUPS, GROUP))  # 1.0: inside the grid and the rebinned field
+        # per group, GROUP values of each of C_FIELDS column fields (x, y, active, ...) in one flat array,
+        # and per view the group's rays (R_FIELDS fields): LLVM then sees each loop's loads and stores
+        # at fixed distances in one array and vectorises it without runtime alias checks
+        col = np.zeros(TILE_GROUPS * C_FIELDS * GROUP)
+        ray = np.zeros(R_FIELDS * GROUP)
         g_first = np.zeros(TILE_GROUPS, dtype=np.int64)
         g_last = np.zeros(TILE_GROUPS, dtype=np.int64)
-        gamma0 = np.zeros((TILE_GROUPS, GROUP))
-        cos_g = np.zeros((TILE_GROUPS, GROUP))
-        d_gamma = np.zeros((TILE_GROUPS, GROUP))
         profile = np.zeros((n_rows_padded + 1) * GROUP, dtype=np.float32)  # rows past the last stay 0
-        row_at = np.zeros(GROUP)
-        row_per_mm = np.zeros(GROUP)
         i0 = np.zeros(GROUP, dtype=np.int64)
+        offsets = np.zeros(GROUP, dtype=np.int64)
         wi = np.zeros(GROUP, dtype=np.float32)
-        ok = np.zeros(GROUP, dtype=np.float32)
-        src_z = np.zeros(GROUP, dtype=np.float32)
-        slope = np.zeros(GROUP, dtype=np.float32)
-        z_lo = np.zeros(GROUP)
-        z_hi = np.zeros(GROUP)
+        rays32 = np.zeros(3 * GROUP, dtype=np.float32)  # source z, slope, weight: the slice update's rays
+        src_z = rays32[:GROUP]
+        slope = rays32[GROUP:2 * GROUP]
+        ok = rays32[2 * GROUP:]
         for tile in range(worker, n_tiles, n_workers):
             ix0 = (tile // groups_y) * TILE_GROUPS
             iy0 = (tile % groups_y) * GROUP
@@ -423,17 +646,18 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
             for g in range(n_groups):
                 first = j_max + 1
                 last = j_min - 1
+                cb = g * C_FIELDS * GROUP
                 for a in range(GROUP):
                     iy = iy0 + a
                     x = xs[ix0 + g]
                     y = ys[min(iy, ny - 1)]
                     r_xy = math.sqrt(x * x + y * y)
-                    gx[g, a] = x
-                    gy[g, a] = y
-                    active[g, a] = 0.0
+                    col[cb + C_X * GROUP + a] = x
+                    col[cb + C_Y * GROUP + a] = y
+                    col[cb + C_ACTIVE * GROUP + a] = 0.0
                     if iy >= ny or r_xy >= max_t:
-                        gx[g, a] = 0.0
-                        gy[g, a] = 0.0
+                        col[cb + C_X * GROUP + a] = 0.0
+                        col[cb + C_Y * GROUP + a] = 0.0
                         continue
                     # views that can see this column of voxels anywhere in the slab
                     reach = z_reach_scale * (radius + r_xy)
@@ -442,7 +666,7 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
                     c_last = min(j_max, int(math.ceil((zs[nz - 1] + reach - start_z) * views_per_mm + gamma_views)))
                     if c_last < c_first:
                         continue
-                    active[g, a] = 1.0
+                    col[cb + C_ACTIVE * GROUP + a] = 1.0
                     first = min(first, c_first)
                     last = max(last, c_last)
                 g_first[g] = first
@@ -451,6 +675,10 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
                 tile_last = max(tile_last, last)
             if tile_last < tile_first:
                 continue
+            box_x0 = xs[ix0]
+            box_x1 = xs[ix0 + n_groups - 1]
+            box_y0 = ys[iy0]
+            box_y1 = ys[min(iy0 + GROUP, ny) - 1]
             total[:n_groups] = 0.0
             n_valid[:n_groups] = 0
             for k in range(n_half):
@@ -460,14 +688,33 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
                 j0 = k + m_first * n_half
                 if j0 > tile_last:
                     continue
+                # the next direction's rays through the tile, into the cache while this one is done
+                if k + 1 < n_half:
+                    m_next = -((k + 1 - tile_first) // n_half)
+                    for j in range(k + 1 + m_next * n_half, tile_last + 1, n_half):
+                        sj = sin_phi[j]
+                        cj = cos_phi[j]
+                        t_a = -box_x0 * sj + box_y0 * cj
+                        t_b = -box_x1 * sj + box_y0 * cj
+                        t_c = -box_x0 * sj + box_y1 * cj
+                        t_d = -box_x1 * sj + box_y1 * cj
+                        i_lo = max(int(min(min(t_a, t_b), min(t_c, t_d)) * inv_t_spacing + t_center) - 1, 0)
+                        i_hi = min(int(max(max(t_a, t_b), max(t_c, t_d)) * inv_t_spacing + t_center) + 2, n_t - 1)
+                        first_line = ((j - view0) * n_t + i_lo) * n_rows
+                        last_line = ((j - view0) * n_t + i_hi) * n_rows + n_rows - 1
+                        for at in range(first_line, last_line + 1, 16):
+                            _prefetch(flat_t, at)
                 for g in range(n_groups):
                     if g_last[g] < g_first[g]:
                         continue
+                    gb = u64(g * C_FIELDS * GROUP)
                     for a in range(GROUP):
-                        s0 = (-gx[g, a] * sin_phi[j0] + gy[g, a] * cos_phi[j0]) / radius
-                        gamma0[g, a] = math.asin(s0)
-                        cos_g[g, a] = math.sqrt(1.0 - s0 * s0)
-                        d_gamma[g, a] = det_dist / cos_g[g, a] if flat else det_dist
+                        s0 = (-col[gb + u64(C_X * GROUP + a)] * sin_phi[j0]
+                              + col[gb + u64(C_Y * GROUP + a)] * cos_phi[j0]) / radius
+                        cos_g = math.sqrt(1.0 - s0 * s0)
+                        col[gb + u64(C_GAMMA * GROUP + a)] = math.asin(s0) * view_scale
+                        col[gb + u64(C_COS * GROUP + a)] = radius * cos_g
+                        col[gb + u64(C_DIST * GROUP + a)] = det_dist / cos_g if flat else det_dist
                     touched_lo = nz
                     touched_hi = -1
                     sign = -1.0
@@ -480,32 +727,30 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
                         cj = cos_phi[j]
                         # the group's rays in one vector step
                         for a in range(GROUP):
-                            x = gx[g, a]
-                            y = gy[g, a]
-                            kf = j + sign * gamma0[g, a] * view_scale
+                            x = col[gb + u64(C_X * GROUP + a)]
+                            y = col[gb + u64(C_Y * GROUP + a)]
+                            kf = j + sign * col[gb + u64(C_GAMMA * GROUP + a)]
                             fi = (-x * sj + y * cj) * inv_t_spacing + t_center
                             fl = math.floor(fi)
                             inside = (kf >= 0.0) & (kf <= last_view) & (fl >= 0.0) & (fl < n_t - 1.0)
-                            ok[a] = active[g, a] if inside else 0.0
+                            ok_a = col[gb + u64(C_ACTIVE * GROUP + a)] if inside else 0.0
                             fl = min(max(fl, 0.0), n_t - 2.0)
-                            i0[a] = int(fl)
-                            wi[a] = fi - fl
-                            along = radius * cos_g[g, a] - (x * cj + y * sj)  # source to voxel, in plane
+                            along = col[gb + u64(C_COS * GROUP + a)] - (x * cj + y * sj)  # source to voxel, in plane
                             z_src = start_z + kf * z_per_view
-                            s = d_gamma[g, a] / along  # detector mm per mm of z offset
+                            s = col[gb + u64(C_DIST * GROUP + a)] / along  # detector mm per mm of z offset
                             half = v_edge / s  # |z - z_src| < half <=> |q| < 1
-                            src_z[a] = z_src
-                            slope[a] = s
-                            row_per_mm[a] = s / row_pitch_det
-                            row_at[a] = (n_rows - 1) / 2.0 - z_src * row_per_mm[a]
-                            z_lo[a] = z_src - half if inside else 1e30
-                            z_hi[a] = z_src + half if inside else -1e30
-                        lo_z = 1e30
-                        hi_z = -1e30
-                        for a in range(GROUP):
-                            if ok[a] > zero:
-                                lo_z = min(lo_z, z_lo[a])
-                                hi_z = max(hi_z, z_hi[a])
+                            per_mm = s / row_pitch_det
+                            ray[u64(R_OK * GROUP + a)] = ok_a
+                            ray[u64(R_T0 * GROUP + a)] = fl
+                            ray[u64(R_WT * GROUP + a)] = fi - fl
+                            ray[u64(R_SRC * GROUP + a)] = z_src
+                            ray[u64(R_SLOPE * GROUP + a)] = s
+                            ray[u64(R_PER_MM * GROUP + a)] = per_mm
+                            ray[u64(R_AT * GROUP + a)] = (n_rows - 1) / 2.0 - z_src * per_mm
+                            ray[u64(R_LO * GROUP + a)] = z_src - half if ok_a > 0.0 else 1e30
+                            ray[u64(R_HI * GROUP + a)] = z_src + half if ok_a > 0.0 else -1e30
+                        lo_z = _min_of(ray, u64(R_LO * GROUP))
+                        hi_z = _max_of(ray, u64(R_HI * GROUP))
                         if lo_z > hi_z:
                             continue
                         if z_step > 0.0:
@@ -520,71 +765,70 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
                         hi = min(hi, nz - 1)
                         if lo > hi:
                             continue
+                        for a in range(GROUP):
+                            ok[a] = f32(ray[u64(R_OK * GROUP + a)])
+                            i0[a] = int(ray[u64(R_T0 * GROUP + a)])
+                            wi[a] = f32(ray[u64(R_WT * GROUP + a)])
+                            src_z[a] = f32(ray[u64(R_SRC * GROUP + a)])
+                            slope[a] = f32(ray[u64(R_SLOPE * GROUP + a)])
                         touched_lo = min(touched_lo, lo)
                         touched_hi = max(touched_hi, hi)
-                        # the rows the slices lo..hi read (r is linear in z: its extremes lie at the
-                        # ends), with a row's margin for rounding; rows left out keep finite values
-                        # from earlier rays, which the interpolation weighs by exactly 0
-                        r_min = 1e30
-                        r_max = -1e30
-                        for a in range(GROUP):
-                            if ok[a] > zero:
-                                r_lo_z = row_at[a] + row_per_mm[a] * zs[lo]
-                                r_hi_z = row_at[a] + row_per_mm[a] * zs[hi]
-                                r_min = min(r_min, min(r_lo_z, r_hi_z))
-                                r_max = max(r_max, max(r_lo_z, r_hi_z))
-                        row_first = max(int(math.floor(max(r_min, -1.0))) - 1, 0)
-                        row_stop = min(int(math.floor(min(r_max, n_rows + 1.0))) + 3, n_rows)
-                        # each ray's samples along those rows, interpolated in t once, as (row, column)
-                        for a in range(GROUP):
-                            if ok[a] == zero:
-                                continue
-                            base = (jl * n_t + i0[a]) * n_rows
-                            w1 = wi[a]
-                            w0 = one - w1
-                            for r in range(row_first, row_stop):
-                                profile[u64(r * GROUP + a)] = (w0 * flat_t[u64(base + r)]
-                                                               + w1 * flat_t[u64(base + n_rows + r)])
-                        # the rows r(z) = row_at[a] + row_per_mm[a] z of the columns stay within
+                        # the rows r(z) = R_AT + R_PER_MM z of the columns stay within
                         # ROW_WINDOW of their mean (checked at both ends of the z range, where the
                         # spread is largest): then the window path, else the scalar one
+                        z_first = zs[lo]
+                        z_last = zs[hi]
                         n_ok = 0.0
                         mean_at = 0.0
                         mean_per_mm = 0.0
                         for a in range(GROUP):
-                            n_ok += ok[a]
-                            mean_at += ok[a] * row_at[a]
-                            mean_per_mm += ok[a] * row_per_mm[a]
+                            ok_a = ray[u64(R_OK * GROUP + a)]
+                            n_ok += ok_a
+                            mean_at += ok_a * ray[u64(R_AT * GROUP + a)]
+                            mean_per_mm += ok_a * ray[u64(R_PER_MM * GROUP + a)]
                         mean_at /= n_ok
                         mean_per_mm /= n_ok
-                        spread = 0.0
                         for a in range(GROUP):
-                            d_at = row_at[a] - mean_at
-                            d_per_mm = row_per_mm[a] - mean_per_mm
-                            d = max(abs(d_at + d_per_mm * lo_z), abs(d_at + d_per_mm * hi_z))
-                            spread = max(spread, d if ok[a] > zero else 0.0)
+                            d_at = ray[u64(R_AT * GROUP + a)] - mean_at
+                            d_per_mm = ray[u64(R_PER_MM * GROUP + a)] - mean_per_mm
+                            d = max(abs(d_at + d_per_mm * z_first), abs(d_at + d_per_mm * z_last))
+                            ray[u64(R_SPREAD * GROUP + a)] = d if ray[u64(R_OK * GROUP + a)] > 0.0 else 0.0
+                        spread = _max_of(ray, u64(R_SPREAD * GROUP))
+                        # the rows the slices lo..hi read: within the spread of the mean row (linear
+                        # in z, its extremes at the ends), with a row's margin for rounding; rows left
+                        # out keep finite values from earlier rays, which the interpolation weighs by
+                        # exactly 0
+                        mean_first = mean_at + mean_per_mm * z_first
+                        mean_last = mean_at + mean_per_mm * z_last
+                        r_min = min(mean_first, mean_last) - spread
+                        r_max = max(mean_first, mean_last) + spread
+                        row_first = max(int(math.floor(max(r_min, -1.0))) - 1, 0)
+                        row_stop = min(int(math.floor(min(r_max, n_rows + 1.0))) + 3, n_rows)
+                        # each ray's samples along those rows, interpolated in t once, as (row, column):
+                        # eight rows of eight rays at a time (every ray's t samples lie in the block,
+                        # weighted 0 where the ray is not used; the last eight rows end at the last row)
+                        if n_rows >= 8:
+                            for r_block in range(row_first, row_stop, 8):
+                                r_start = min(r_block, n_rows - 8)
+                                for a in range(GROUP):
+                                    offsets[a] = (jl * n_t + i0[a]) * n_rows + r_start
+                                _rows_to_profile(flat_t, offsets, 0, n_rows, wi, profile, r_start * GROUP)
+                                _rows_to_profile(flat_t, offsets, 8, n_rows, wi, profile, r_start * GROUP + 8)
+                        else:
+                            for a in range(GROUP):
+                                base = (jl * n_t + i0[a]) * n_rows
+                                w1 = wi[a]
+                                w0 = one - w1
+                                for r in range(row_first, row_stop):
+                                    profile[u64(r * GROUP + a)] = (w0 * flat_t[u64(base + r)]
+                                                                   + w1 * flat_t[u64(base + n_rows + r)])
                         if spread < ROW_WINDOW // 2 - 1.1:
                             for iz in range(lo, hi + 1):
                                 z = zs32[u64(iz)]
-                                num_z = num[u64(g), u64(iz)]
-                                den_z = den[u64(g), u64(iz)]
                                 r_base = int(math.floor(mean_at + mean_per_mm * z)) - (ROW_WINDOW // 2 - 1)
                                 r_base = min(max(r_base, 0), window_last)
-                                rb = f32(r_base)
-                                row = u64(r_base * GROUP)
-                                for a in range(GROUP):
-                                    v = (z - src_z[a]) * slope[a]
-                                    q = abs(v) * inv_v_edge
-                                    # W(q): 1 up to Q, then cos^2 down to 0 at |q| = 1, 0 beyond
-                                    c = _cos(min(max(q - q_flat, zero), q_taper) * taper)
-                                    w = c * c * ok[a]
-                                    w = w if q < one else zero
-                                    rt = min(max(r_mid + v * inv_row_pitch, zero), top) - rb
-                                    val = zero
-                                    for m in range(ROW_WINDOW):
-                                        val += profile[row + u64(m * GROUP + a)] * max(zero, one - abs(rt - f32(m)))
-                                    num_z[a] += w * val
-                                    den_z[a] += w
+                                _update_slice(rays32, profile, r_base * GROUP, num, den, (g * nz + iz) * GROUP, z,
+                                              f32(r_base), constants)
                         else:
                             for iz in range(lo, hi + 1):
                                 z = zs32[u64(iz)]
@@ -619,7 +863,7 @@ def _backproject(filtered_t, view0, n_views, t_spacing, sin_phi, cos_phi, radius
             for g in range(n_groups):
                 for a in range(GROUP):
                     iy = iy0 + a
-                    if iy >= ny or active[g, a] == 0.0:
+                    if iy >= ny or col[g * C_FIELDS * GROUP + C_ACTIVE * GROUP + a] == 0.0:
                         continue
                     for iz in range(nz):
                         count = n_valid[g, iz, a]
