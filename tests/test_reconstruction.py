@@ -62,7 +62,7 @@ def reconstruct_phantom(geometry: HelicalGeometry, kernel: str = "shepp-logan"):
     return mu_to_hu(recon.mu_per_mm, MU_WATER), x, y, z
 
 
-@pytest.mark.parametrize("pitch", [1.0, 1.38])
+@pytest.mark.parametrize("pitch", [0.5, 1.0, 1.38, 1.5])  # the range and the paper's pitch
 def test_phantom_hu_within_5_of_truth(pitch):
     image, x, y, z = reconstruct_phantom(scan(pitch))
     inserts = np.zeros(image.shape, bool)
