@@ -294,6 +294,17 @@ def test_segmenter_specs_are_normalised_like_evaluation_runs(client: TestClient,
         assert session.get(Job, response.json()["id"]).segmenter == (stored or spec)
 
 
+def test_nnunet_folders_outside_the_models_root_are_refused(client: TestClient, study_id: str, database: str,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOSEBENCH_NNUNET_MODELS_ROOT", str(tmp_path / "models"))
+    jobs_before = _count(database, Job)
+    refused = client.post("/v1/jobs", json=_job_body(study_id, segmenter="nnunet:/etc/some_model", seed=4343))
+    _assert_problem(refused, 422, "outside DOSEBENCH_NNUNET_MODELS_ROOT")
+    assert _count(database, Job) == jobs_before
+    accepted = client.post("/v1/jobs", json=_job_body(study_id, segmenter=f"nnunet:{tmp_path}/models/m", seed=4344))
+    assert accepted.status_code == 202, accepted.text
+
+
 def test_list_jobs_filters_and_paging(client: TestClient, study_id: str) -> None:
     created = [client.post("/v1/jobs", json=_job_body(study_id, seed=100 + i)).json()["id"] for i in range(3)]
     page = client.get("/v1/jobs", params={"study_id": study_id, "limit": 2}).json()

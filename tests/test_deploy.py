@@ -12,6 +12,7 @@ import yaml
 
 from dosebench.cli import app
 from dosebench.core.settings import QUEUES, Settings
+from dosebench.segmenter.nnunet import MODELS_ROOT_ENV
 from dosebench.segmenter.weights import WEIGHTS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_every_queue_has_a_worker_and_gpu_workers_ask_for_a_gpu():
 
 def test_configuration_names_settings_dosebench_reads():
     config = next(d for _, d in manifests() if d["kind"] == "ConfigMap")
-    known = {f"DOSEBENCH_{name.upper()}" for name in Settings.model_fields} | {WEIGHTS_ENV}
+    known = {f"DOSEBENCH_{name.upper()}" for name in Settings.model_fields} | {WEIGHTS_ENV, MODELS_ROOT_ENV}
     for key in config["data"]:
         if key.startswith("DOSEBENCH_"):
             assert key in known, key

@@ -118,6 +118,24 @@ def test_spec_defaults_and_options(tmp_path: Path) -> None:
     assert nnunet.parse_spec("nnunet:relative/model").folder == Path.cwd() / "relative" / "model"
 
 
+def test_model_folders_outside_the_models_root_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DOSEBENCH_NNUNET_MODELS_ROOT confines model folders (checkpoints are pickles): a folder outside it,
+    or a link inside it that leads outside, is refused; inside is accepted; unset, nothing is confined."""
+    from dosebench.segmenter.backends import normalise_spec
+
+    root, outside = tmp_path / "models", tmp_path / "elsewhere"
+    (root / "Dataset501_Liver" / "model").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    assert normalise_spec(f"nnunet:{outside}") == f"nnunet:{outside}"  # unset: no confinement
+    monkeypatch.setenv(nnunet.MODELS_ROOT_ENV, str(root))
+    assert nnunet.parse_spec(f"nnunet:{root}/Dataset501_Liver/model?fold=0").folder == root / "Dataset501_Liver" / "model"
+    for folder in (outside, root / "escape", root / ".." / "elsewhere"):
+        with pytest.raises(InputError, match="outside DOSEBENCH_NNUNET_MODELS_ROOT") as caught:
+            normalise_spec(f"nnunet:{folder}")
+        assert str(root) in caught.value.fix
+
+
 @pytest.mark.parametrize("query, words", [
     ("?folds=0", ["'folds'", "fold, checkpoint, tta"]),
     ("?fold=0&mirror=1", ["'mirror'"]),

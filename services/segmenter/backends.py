@@ -104,6 +104,9 @@ def normalise_spec(spec: str) -> str:
     if text.lower() in KNOWN_SPECS:
         return text.lower()
     if text.lower().startswith("nnunet:") and len(text) > len("nnunet:"):
+        from .nnunet import parse_spec
+
+        parse_spec(text)  # the syntax and the models root; the folder's files are checked where it runs
         return text
     raise InputError(f"unknown segmenter {spec!r}",
                      fix=f"use one of: {', '.join((*KNOWN_SPECS, 'threshold?min_component_ml=0', NNUNET_SPEC))}")

@@ -32,7 +32,11 @@ NIfTI with the volume's affine (nnU-Net resamples to the plans' spacing and back
 comes back on the same grid. nnU-Net's sliding window runs with its default step 0.5 and Gaussian weighting.
 
 Settings (environment): ``DOSEBENCH_NNUNET_DEVICE`` (``auto``, ``cpu`` or ``gpu``; default ``auto``: the GPU
-when CUDA is available), ``DOSEBENCH_NNUNET_TIMEOUT_S`` (seconds per call; default none).
+when CUDA is available), ``DOSEBENCH_NNUNET_TIMEOUT_S`` (seconds per call; default none),
+``DOSEBENCH_NNUNET_MODELS_ROOT`` (when set, a model folder must lie inside it once symbolic links are
+resolved: anyone who may submit jobs could otherwise make a worker load any checkpoint file on its disk,
+and nnU-Net checkpoints are pickles; the API, the workers and the CLI all check it; docker-compose.yml and
+deploy/k8s set it to the read-only ``/weights`` mount).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from .totalseg import (
 __all__ = ["PREFIX", "NnunetModel", "SegmenterFailed", "make_nnunet", "parse_spec", "run_nnunet"]
 
 PREFIX = "nnunet:"
+MODELS_ROOT_ENV = "DOSEBENCH_NNUNET_MODELS_ROOT"
 SPEC_SYNTAX = "nnunet:/path/to/model_folder[?fold=0|0,1,2|all&checkpoint=checkpoint_final.pth&tta=0|1]"
 CHILD_MODULE = "dosebench.segmenter.nnunet_child"
 QUERY_KEYS = ("fold", "checkpoint", "tta")
@@ -145,7 +150,20 @@ def parse_spec(spec: str) -> NnunetSpec:
         raise _bad_spec(spec, f"tta={values['tta']!r} is not 0 or 1")
     tta = tta_raw in ("1", "true", "yes")
     folder = Path(path.strip()).expanduser()
+    check_models_root(folder.absolute(), spec)
     return NnunetSpec(folder=folder.absolute(), folds=tuple(folds), checkpoint=checkpoint, tta=tta)
+
+
+def check_models_root(folder: Path, spec: str) -> None:
+    """Refuse a model folder outside ``DOSEBENCH_NNUNET_MODELS_ROOT`` (when set), links resolved."""
+    root_text = os.environ.get(MODELS_ROOT_ENV, "").strip()
+    if not root_text:
+        return
+    root = Path(root_text).expanduser().resolve()
+    if not folder.resolve().is_relative_to(root):
+        raise InputError(f"segmenter {spec!r}: the model folder {folder} is outside {MODELS_ROOT_ENV} ({root})",
+                         fix=f"put the trained-model folder under {root} (or ask the administrator to change "
+                             f"{MODELS_ROOT_ENV})")
 
 
 def _read_json(path: Path, what: str) -> dict:
