@@ -140,18 +140,3 @@ def test_torch_backend_reads_a_store_by_view_blocks(tmp_path, monkeypatch):
     from_store = reconstruct_grid(StoreViews(store), geometry, SETTINGS, default_grid=(XS, YS, zs), backend="torch")
     in_memory = reconstruct_grid(line_integrals, geometry, SETTINGS, default_grid=(XS, YS, zs), backend="torch")
     assert np.array_equal(from_store.mu_per_mm, in_memory.mu_per_mm)
-
-
-def test_torch_backend_refuses_a_flying_focal_spot(helical):
-    """The torch rebinning assumes rays from the nominal focal centre: it must not reconstruct flying
-    focal spot data silently wrong (numba models the spot: tests/test_backprojector_ffs.py)."""
-    from dosebench.core.geometry import FocalSpotOffset
-
-    torch = pytest.importorskip("torch")
-    from dosebench.reconstructor import wfbp_torch
-
-    geometry, line_integrals = helical
-    ffs = geometry.model_copy(update={"focal_spot_offsets": [FocalSpotOffset(axial_mm=-0.5),
-                                                             FocalSpotOffset(axial_mm=0.5)]})
-    with pytest.raises(ValueError, match="flying focal spot"):
-        wfbp_torch.reconstruct(line_integrals, ffs, SETTINGS, XS, YS, ZS, device="cpu", dtype=torch.float32)

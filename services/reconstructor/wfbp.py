@@ -6,7 +6,8 @@
    angle is ``phi + gamma``. Rows keep their detector height, so a rebinned "row" is a wedge of rays
    from many source positions. With a flying focal spot (``focal_spot_offsets``), every view is
    sampled with its own spot's rays and consecutive views are interpolated onto the nominal parallel
-   rays, the spot's z offset as a row shift (:func:`focal_spot_rebinning`; numba backend only).
+   rays, the spot's z offset as a row shift (:func:`focal_spot_rebinning`, :func:`focal_spot_views`;
+   both backends).
 2. **Filtering** along t with the band-limited ramp (the spatial Ram-Lak kernel of Kak & Slaney,
    which has no DC offset) times an apodisation window, by zero-padded FFT.
 3. **Aperture-weighted backprojection**, voxel by voxel: for each parallel direction phi in [0, pi)
@@ -36,6 +37,7 @@ from typing import Literal
 
 import numba
 import numpy as np
+import scipy.fft
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -77,14 +79,6 @@ def rebinning_coordinates(geometry: HelicalGeometry) -> RebinningCoordinates:
                   + geometry.source_to_detector_mm * np.tan(gamma) / geometry.column_pitch_at_detector)
     view_offset = geometry.rotation_direction * gamma * geometry.views_per_turn / (2.0 * np.pi)
     return RebinningCoordinates(t_spacing_mm=t_spacing, view_offset=view_offset, column=column)
-
-
-def check_no_flying_focal_spot(geometry: HelicalGeometry) -> None:
-    """Refuse a geometry with flying focal spot offsets (the torch backend's rebinning assumes every
-    view's rays leave the nominal focal centre: such data would be reconstructed wrong)."""
-    if geometry.focal_spot_offsets:
-        raise ValueError(f"the geometry has a flying focal spot ({len(geometry.focal_spot_offsets)} offsets): "
-                         "the torch backend does not model it; use backend='numba'")
 
 
 def check_projection_shape(line_integrals: np.ndarray, geometry: HelicalGeometry) -> None:
@@ -163,17 +157,18 @@ def focal_spot_rebinning(geometry: HelicalGeometry) -> FocalSpotRebinning:
 
 
 @numba.njit(parallel=True, cache=True)
-def _rebin_focal_spots(proj, fan_first, view_first, n_views, view_shift, column, row_shift, out):
+def _focal_spot_views(view_first, n_views, view_shift, first_view, weight):
     """Interleaved: fan view k (spot k % K) holds the ray (t_i) of parallel view ``u(k) = k -
     view_shift[k % K, i]``; the parallel view j is interpolated linearly in u between the two
-    consecutive fan views around it, each sampled at its own spot's column and row shift."""
+    consecutive fan views ``first_view[jj, i]`` and the next one around it, the next one with
+    ``weight[jj, i]`` (``first_view`` -1: outside the acquired views). ``jj = j - view_first``."""
     n_spots = view_shift.shape[0]
-    n_rows = proj.shape[1]
-    n_cols = proj.shape[2]
-    n_t = out.shape[2]
-    for jj in numba.prange(out.shape[0]):
+    n_t = view_shift.shape[1]
+    for jj in numba.prange(first_view.shape[0]):
         j = view_first + jj
         for i in range(n_t):
+            first_view[jj, i] = -1
+            weight[jj, i] = 0.0
             k0 = int(math.floor(j + view_shift[0, i]))
             # u is increasing in k while the spots' shifts differ by less than a view
             while k0 > 0 and k0 - view_shift[k0 % n_spots, i] > j:
@@ -186,7 +181,36 @@ def _rebin_focal_spots(proj, fan_first, view_first, n_views, view_shift, column,
             u1 = k0 + 1 - view_shift[(k0 + 1) % n_spots, i]
             if not (u0 <= j <= u1):
                 continue  # outside the acquired views
-            wk = (j - u0) / (u1 - u0)
+            first_view[jj, i] = k0
+            weight[jj, i] = (j - u0) / (u1 - u0)
+
+
+def focal_spot_views(geometry: HelicalGeometry, views: range,
+                     spots: FocalSpotRebinning | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For the parallel views ``views`` (rows) and rays t_i (columns): the first of the two consecutive
+    fan views each ray is interpolated from (-1: outside the acquired views) and the second's weight;
+    the view half of the flying focal spot rebinning, shared by the numba and torch backends."""
+    spots = focal_spot_rebinning(geometry) if spots is None else spots
+    first_view = np.empty((len(views), geometry.detector_columns), dtype=np.int64)
+    weight = np.empty(first_view.shape, dtype=np.float64)
+    _focal_spot_views(views.start, geometry.number_of_views, spots.view_shift, first_view, weight)
+    return first_view, weight
+
+
+@numba.njit(parallel=True, cache=True)
+def _rebin_focal_spots(proj, fan_first, first_view, view_weight, column, row_shift, out):
+    """Each parallel ray from its two fan views (:func:`focal_spot_views`), each sampled at its own
+    spot's column and row shift (bilinear in column and row)."""
+    n_spots = column.shape[0]
+    n_rows = proj.shape[1]
+    n_cols = proj.shape[2]
+    n_t = out.shape[2]
+    for jj in numba.prange(out.shape[0]):
+        for i in range(n_t):
+            k0 = first_view[jj, i]
+            if k0 < 0:
+                continue
+            wk = view_weight[jj, i]
             for side in range(2):
                 k = k0 + side
                 f = k % n_spots
@@ -228,8 +252,9 @@ def rebin_views(fan: np.ndarray, fan_first: int, views: range, geometry: Helical
     out = np.zeros((len(views), geometry.detector_rows, n_t), dtype=np.float32)
     if geometry.focal_spot_offsets:
         spots = focal_spot_rebinning(geometry)
-        _rebin_focal_spots(np.ascontiguousarray(fan, dtype=np.float32), fan_first, views.start,
-                           geometry.number_of_views, spots.view_shift, spots.column, spots.row_shift, out)
+        first_view, view_weight = focal_spot_views(geometry, views, spots)
+        _rebin_focal_spots(np.ascontiguousarray(fan, dtype=np.float32), fan_first, first_view, view_weight,
+                           spots.column, spots.row_shift, out)
         return ParallelData(values=out, t_spacing_mm=coordinates.t_spacing_mm)
     _rebin(np.ascontiguousarray(fan, dtype=np.float32), fan_first, views.start, geometry.number_of_views,
            coordinates.view_offset, coordinates.column, out)
@@ -294,16 +319,18 @@ def ramp_filter_response(n_padded: int, t_spacing: float, kernel: str, cutoff: f
 
 
 def filter_rows(data: ParallelData, kernel: str, cutoff: float, views_per_block: int = 256) -> ParallelData:
-    """Ramp-filter every rebinned row along t, in place, block by block."""
+    """Ramp-filter every rebinned row along t, in place, block by block (scipy's FFT in float32 on as
+    many threads as numba uses: three times numpy's single-threaded FFT on 2 cores)."""
     values = data.values
     n_t = values.shape[2]
     n_padded = 1 << int(math.ceil(math.log2(2 * n_t)))
-    response = ramp_filter_response(n_padded, data.t_spacing_mm, kernel, cutoff)
+    response = ramp_filter_response(n_padded, data.t_spacing_mm, kernel, cutoff).astype(np.float32)
+    workers = numba.get_num_threads()
     for start in range(0, values.shape[0], views_per_block):
         block = values[start:start + views_per_block]
-        spectrum = np.fft.rfft(block, n=n_padded, axis=2)
+        spectrum = scipy.fft.rfft(block, n=n_padded, axis=2, workers=workers)
         spectrum *= response
-        block[...] = np.fft.irfft(spectrum, n=n_padded, axis=2)[..., :n_t]
+        block[...] = scipy.fft.irfft(spectrum, n=n_padded, axis=2, workers=workers)[..., :n_t]
     return data
 
 
@@ -1097,13 +1124,9 @@ def reconstruct(line_integrals: np.ndarray, geometry: HelicalGeometry, settings:
                 xs_mm: np.ndarray, ys_mm: np.ndarray, zs_mm: np.ndarray, backend: Backend = "auto",
                 max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES) -> Reconstruction:
     """WFBP of one projection set onto the given grid: rebin, filter, backproject (numba: slab by slab,
-    without a second copy of the whole set, as :func:`reconstruct_streamed`). A flying focal spot is
-    rebinned by numba (:func:`focal_spot_rebinning`); the torch backend refuses it, and ``auto`` takes
-    numba for it."""
-    use_torch = resolve_backend(backend) == "torch"
-    if use_torch and backend == "auto" and geometry.focal_spot_offsets:
-        use_torch = False
-    if use_torch:
+    without a second copy of the whole set, as :func:`reconstruct_streamed`). Both backends rebin a
+    flying focal spot with the same map (:func:`focal_spot_rebinning`, :func:`focal_spot_views`)."""
+    if resolve_backend(backend) == "torch":
         from .wfbp_torch import reconstruct as reconstruct_torch
 
         return reconstruct_torch(line_integrals, geometry, settings, xs_mm, ys_mm, zs_mm,

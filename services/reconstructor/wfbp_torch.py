@@ -21,9 +21,11 @@ from .wfbp import (
     DEFAULT_MAX_SLAB_BYTES,
     ParallelData,
     Reconstruction,
+    _fan_reach,
     _sorted_z,
-    check_no_flying_focal_spot,
     check_projection_shape,
+    focal_spot_rebinning,
+    focal_spot_views,
     incomplete_mask,
     ramp_filter_response,
     rebinning_coordinates,
@@ -44,52 +46,113 @@ def _dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
 def rebin_and_filter(line_integrals: np.ndarray, geometry: HelicalGeometry, settings: ReconstructionSettings,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                      views_per_block: int = 256) -> ParallelData:
-    """Wedge rebinning (bilinear in view and column) and the ramp filter, block by block of views on
-    ``device``; the result is a host array, as :func:`wfbp.rebin_to_parallel` + ``filter_rows`` give."""
+    """Wedge rebinning (bilinear in view and column; with a flying focal spot, per spot as
+    :func:`wfbp.rebin_views`) and the ramp filter, block by block of views on ``device``; the result is a
+    host array, as :func:`wfbp.rebin_to_parallel` + ``filter_rows`` give."""
     device = default_device() if device is None else torch.device(device)
     dtype = _dtype(device, dtype)
     check_projection_shape(line_integrals, geometry)
-    check_no_flying_focal_spot(geometry)
     n_views, n_rows, n_cols = line_integrals.shape
     coordinates = rebinning_coordinates(geometry)  # the same map as the numba backend
-    t_spacing, view_offset, column = coordinates.t_spacing_mm, coordinates.view_offset, coordinates.column
+    t_spacing = coordinates.t_spacing_mm
     n_t = n_cols
-    reach_lo = int(math.floor(view_offset.min())) - 1
-    reach_hi = int(math.ceil(view_offset.max())) + 1
     n_padded = 1 << int(math.ceil(math.log2(2 * n_t)))
     response = torch.as_tensor(ramp_filter_response(n_padded, t_spacing, settings.kernel, settings.cutoff),
                                dtype=dtype, device=device)
-    column_t = torch.as_tensor(column, dtype=dtype, device=device)
-    offset_t = torch.as_tensor(view_offset, dtype=dtype, device=device)
-    c_ok = (column_t >= 0) & (column_t <= n_cols - 1)
-    c0 = torch.clamp(torch.floor(column_t).long(), 0, n_cols - 2)
-    wc = column_t - c0
+    if geometry.focal_spot_offsets:
+        # index tensors of (views, t, rows): smaller blocks keep them in bounds
+        views_per_block = min(views_per_block, 64)
+        rebin = _FocalSpotRebinning(geometry, device, dtype)
+    else:
+        rebin = _NominalRebinning(geometry, device, dtype)
+    reach_lo, reach_hi = _fan_reach(geometry)
     out = np.zeros((n_views, n_rows, n_t), dtype=np.float32)
     for start in range(0, n_views, views_per_block):
         stop = min(start + views_per_block, n_views)
         src_lo = max(0, start + reach_lo)
-        src_hi = min(n_views, stop + reach_hi + 1)
+        src_hi = min(n_views, stop + reach_hi)
         proj = torch.as_tensor(np.ascontiguousarray(line_integrals[src_lo:src_hi]), device=device).to(dtype)
-        j = torch.arange(start, stop, device=device, dtype=dtype)[:, None]
-        kf = j + offset_t[None, :]  # (views, t)
-        ok = (kf >= 0) & (kf <= n_views - 1) & c_ok[None, :]
-        k0 = torch.clamp(torch.floor(kf).long(), 0, n_views - 2)
+        values = rebin(proj, src_lo, range(start, stop))  # (views, rows, t)
+        spectrum = torch.fft.rfft(values, n=n_padded, dim=2) * response
+        filtered = torch.fft.irfft(spectrum, n=n_padded, dim=2)[..., :n_t]
+        out[start:stop] = filtered.to(torch.float32).cpu().numpy()
+    return ParallelData(values=out, t_spacing_mm=t_spacing)
+
+
+class _NominalRebinning:
+    """Bilinear in (view, column) at :func:`wfbp.rebinning_coordinates`."""
+
+    def __init__(self, geometry: HelicalGeometry, device: torch.device, dtype: torch.dtype):
+        coordinates = rebinning_coordinates(geometry)
+        n_cols = geometry.detector_columns
+        self.n_views = geometry.number_of_views
+        self.column = torch.as_tensor(coordinates.column, dtype=dtype, device=device)
+        self.offset = torch.as_tensor(coordinates.view_offset, dtype=dtype, device=device)
+        self.column_ok = (self.column >= 0) & (self.column <= n_cols - 1)
+        self.c0 = torch.clamp(torch.floor(self.column).long(), 0, n_cols - 2)
+        self.wc = (self.column - self.c0)[None, :, None]
+
+    def __call__(self, proj: torch.Tensor, src_lo: int, views: range) -> torch.Tensor:
+        j = torch.arange(views.start, views.stop, device=proj.device, dtype=proj.dtype)[:, None]
+        kf = j + self.offset[None, :]  # (views, t)
+        ok = (kf >= 0) & (kf <= self.n_views - 1) & self.column_ok[None, :]
+        k0 = torch.clamp(torch.floor(kf).long(), 0, self.n_views - 2)
         wk = (kf - k0).unsqueeze(-1)
         k0 = k0 - src_lo
-        cc = c0[None, :].expand_as(k0)
-        wcc = wc[None, :, None]
+        cc = self.c0[None, :].expand_as(k0)
+        wc = self.wc
         # proj[k, :, c] gathered as (views, t, rows)
         a = proj[k0, :, cc]
         b = proj[k0, :, cc + 1]
         c = proj[k0 + 1, :, cc]
         d = proj[k0 + 1, :, cc + 1]
-        values = (1 - wk) * ((1 - wcc) * a + wcc * b) + wk * ((1 - wcc) * c + wcc * d)
-        values = torch.where(ok.unsqueeze(-1), values, torch.zeros((), dtype=dtype, device=device))
-        values = values.transpose(1, 2)  # (views, rows, t)
-        spectrum = torch.fft.rfft(values, n=n_padded, dim=2) * response
-        filtered = torch.fft.irfft(spectrum, n=n_padded, dim=2)[..., :n_t]
-        out[start:stop] = filtered.to(torch.float32).cpu().numpy()
-    return ParallelData(values=out, t_spacing_mm=t_spacing)
+        values = (1 - wk) * ((1 - wc) * a + wc * b) + wk * ((1 - wc) * c + wc * d)
+        values = torch.where(ok.unsqueeze(-1), values, torch.zeros((), dtype=proj.dtype, device=proj.device))
+        return values.transpose(1, 2)
+
+
+class _FocalSpotRebinning:
+    """Each parallel ray from two consecutive fan views (:func:`wfbp.focal_spot_views`), each sampled at
+    its own spot's column and row shift (:func:`wfbp.focal_spot_rebinning`): the numba kernel's
+    arithmetic, as gathers."""
+
+    def __init__(self, geometry: HelicalGeometry, device: torch.device, dtype: torch.dtype):
+        self.geometry = geometry
+        self.spots = focal_spot_rebinning(geometry)
+        self.device, self.dtype = device, dtype
+        self.column = torch.as_tensor(self.spots.column, dtype=dtype, device=device)  # (spots, t)
+        self.row_shift = torch.as_tensor(self.spots.row_shift, dtype=dtype, device=device)
+
+    def __call__(self, proj: torch.Tensor, src_lo: int, views: range) -> torch.Tensor:
+        n_local, n_rows, n_cols = proj.shape
+        first_view, view_weight = focal_spot_views(self.geometry, views, self.spots)
+        k0 = torch.as_tensor(first_view, device=self.device)  # (views, t)
+        wk = torch.as_tensor(view_weight, dtype=self.dtype, device=self.device)
+        flat = proj.reshape(-1)
+        t_index = torch.arange(k0.shape[1], device=self.device)[None, :]
+        rows = torch.arange(n_rows, device=self.device, dtype=self.dtype)
+        values = torch.zeros((k0.shape[0], k0.shape[1], n_rows), dtype=self.dtype, device=self.device)
+        for side in range(2):
+            k = k0 + side
+            spot = torch.remainder(k, self.column.shape[0])
+            cf = self.column[spot, t_index]  # (views, t)
+            weight = wk if side else 1.0 - wk
+            used = (k0 >= 0) & (cf >= 0) & (cf <= n_cols - 1)
+            c0 = torch.clamp(torch.floor(cf), 0, n_cols - 2)
+            wc = (cf - c0)[..., None]
+            rf = torch.clamp(rows[None, None, :] + self.row_shift[spot, t_index][..., None], 0, n_rows - 1)
+            r0 = torch.floor(rf)
+            wr = rf - r0
+            r0 = r0.long()
+            r1 = torch.clamp(r0 + 1, max=n_rows - 1)
+            a = torch.clamp(k - src_lo, 0, n_local - 1)[..., None]
+            c0 = c0.long()[..., None]
+            lo = (a * n_rows + r0) * n_cols + c0
+            hi = (a * n_rows + r1) * n_cols + c0
+            sample = ((1 - wc) * ((1 - wr) * flat[lo] + wr * flat[hi])
+                      + wc * ((1 - wr) * flat[lo + 1] + wr * flat[hi + 1]))
+            values += torch.where(used[..., None], weight[..., None] * sample, 0.0)
+        return values.transpose(1, 2)
 
 
 def backproject(filtered: ParallelData, geometry: HelicalGeometry, settings: ReconstructionSettings,
