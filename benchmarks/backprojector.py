@@ -159,7 +159,7 @@ def paper_protocol() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--torch", action="store_true", help="also time the torch backend on the CPU")
     parser.add_argument("--diffct-views", type=int, default=24, help="views diffct runs (0: skip)")
     parser.add_argument("--skip-paper", action="store_true")
