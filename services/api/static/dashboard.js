@@ -21,6 +21,33 @@ const dosebench = (() => {
 
   function doseLabel(d) { return Number(d).toFixed(2); }
 
+  // Polls url() every POLL_MS with the last ETag: a 304 (nothing changed) costs a few hundred bytes;
+  // a 200 goes to onChange(response). A 401 goes to the login page; errors show in status and the
+  // polling goes on. The first poll runs after `delay` ms (0: at once).
+  function pollWithEtag({url, status, etag = null, delay = 0, onChange}) {
+    async function poll() {
+      const headers = etag ? {"If-None-Match": etag} : {};
+      try {
+        // no-store: the browser's cache stays out of it; the 304 comes to this script as it is
+        const response = await fetch(url(), {headers, credentials: "same-origin", cache: "no-store"});
+        if (response.status === 401) { window.location = "/login"; return; }
+        if (response.status === 304) {
+          status.textContent = `up to date (${new Date().toLocaleTimeString()})`;
+          return;
+        }
+        if (!response.ok) throw new Error(`${response.status}`);
+        etag = response.headers.get("ETag");
+        await onChange(response);
+        status.textContent = `updated ${new Date().toLocaleTimeString()}`;
+      } catch (error) {
+        status.textContent = `poll failed: ${error.message}`;
+      } finally {
+        window.setTimeout(poll, POLL_MS);
+      }
+    }
+    window.setTimeout(poll, delay);
+  }
+
   function bar(stage) {
     const pct = Math.round((stage.progress || 0) * 100);
     const title = `${stage.name}${stage.dose != null ? " " + doseLabel(stage.dose) : ""}: ${stage.state}, ` +
@@ -93,7 +120,6 @@ const dosebench = (() => {
 
   function jobList() {
     const jobs = new Map();
-    let etag = null;
     let since = null;
     let total = 0;
     const tbody = document.getElementById("jobs");
@@ -106,31 +132,18 @@ const dosebench = (() => {
       document.getElementById("job-count").textContent = `(${jobs.size}${total > jobs.size ? " of " + total : ""})`;
     }
 
-    async function poll() {
+    function url() {
       let url = "/v1/jobs?stages=true&limit=100";
       if (since) url += "&updated_since=" + encodeURIComponent(since);
-      const headers = etag ? {"If-None-Match": etag} : {};
-      try {
-        // no-store: the browser's cache stays out of it; the 304 comes to this script as it is
-        const response = await fetch(url, {headers, credentials: "same-origin", cache: "no-store"});
-        if (response.status === 401) { window.location = "/login"; return; }
-        if (response.status === 304) {
-          status.textContent = `up to date (${new Date().toLocaleTimeString()})`;
-          return;
-        }
-        if (!response.ok) throw new Error(`${response.status}`);
-        etag = response.headers.get("ETag");
-        const data = await response.json();
-        for (const job of data.jobs) jobs.set(job.id, job);
-        if (!since) total = data.total;
-        since = new Date(Date.parse(data.server_time) - OVERLAP_MS).toISOString();
-        render();
-        status.textContent = `updated ${new Date().toLocaleTimeString()}`;
-      } catch (error) {
-        status.textContent = `poll failed: ${error.message}`;
-      } finally {
-        window.setTimeout(poll, POLL_MS);
-      }
+      return url;
+    }
+
+    async function onChange(response) {
+      const data = await response.json();
+      for (const job of data.jobs) jobs.set(job.id, job);
+      if (!since) total = data.total;
+      since = new Date(Date.parse(data.server_time) - OVERLAP_MS).toISOString();
+      render();
     }
 
     const form = document.getElementById("new-job");
@@ -157,7 +170,7 @@ const dosebench = (() => {
         button.disabled = false;
       }
     });
-    poll();
+    pollWithEtag({url, status, onChange});
   }
 
   function sortable(table) {
@@ -224,26 +237,10 @@ const dosebench = (() => {
   function evaluationList() {
     const holder = document.getElementById("evaluations-live");
     const status = document.getElementById("poll-status");
-    let etag = holder.dataset.etag || null;
+    const etag = holder.dataset.etag || null;
 
-    async function poll() {
-      try {
-        const headers = etag ? {"If-None-Match": etag} : {};
-        const response = await fetch("/evaluations/live", {headers, credentials: "same-origin", cache: "no-store"});
-        if (response.status === 401) { window.location = "/login"; return; }
-        if (response.status === 304) {
-          status.textContent = `up to date (${new Date().toLocaleTimeString()})`;
-          return;
-        }
-        if (!response.ok) throw new Error(`${response.status}`);
-        etag = response.headers.get("ETag");
-        holder.innerHTML = await response.text();  // our own template's output, escaped by Jinja
-        status.textContent = `updated ${new Date().toLocaleTimeString()}`;
-      } catch (error) {
-        status.textContent = `poll failed: ${error.message}`;
-      } finally {
-        window.setTimeout(poll, POLL_MS);
-      }
+    async function onChange(response) {
+      holder.innerHTML = await response.text();  // our own template's output, escaped by Jinja
     }
 
     const form = document.getElementById("evaluate-now");
@@ -269,7 +266,8 @@ const dosebench = (() => {
         }
       });
     }
-    window.setTimeout(poll, POLL_MS);
+    // the page came with the fragment and its ETag: the first poll is due after one interval
+    pollWithEtag({url: () => "/evaluations/live", status, etag, delay: POLL_MS, onChange});
   }
 
   // one evaluation run: while it runs, ask the API (which also finalises a run whose jobs have all
