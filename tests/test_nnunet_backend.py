@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pytest
 pytest.importorskip("nnunetv2")
 torch = pytest.importorskip("torch")
 
+from child_processes import alive, install_fake_child  # noqa: E402
 from tiny_nnunet import _network, _plans  # noqa: E402
 
 from dosebench.core.data import sample_ct  # noqa: E402
@@ -242,19 +241,8 @@ def test_provenance(tmp_path: Path, bone_model: Path) -> None:
 
 def _fake_child(tmp_path: Path, monkeypatch, body: str) -> None:
     """Replace the child module by ``body`` (run with the child's argv)."""
-    package = tmp_path / "fakechild"
-    package.mkdir()
-    (package / "fake_nnunet_child.py").write_text(textwrap.dedent(body))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setattr(nnunet, "CHILD_MODULE", "fake_nnunet_child")
+    install_fake_child(tmp_path, monkeypatch, nnunet, "fake_nnunet_child", body)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (ProcessLookupError, OSError):
-        return False
 
 
 def test_failing_child_quotes_its_output(tmp_path: Path, monkeypatch, scratch: Path, spleen_model: Path) -> None:
@@ -284,9 +272,9 @@ def test_timeout_kills_the_child_and_its_workers(tmp_path: Path, monkeypatch, sc
         segmenter.segment(np.zeros((8, 8, 8), np.float32), (3.0, 3.0, 3.0))
     child, worker = map(int, pids.read_text().split())
     deadline = time.monotonic() + 10
-    while (_alive(child) or _alive(worker)) and time.monotonic() < deadline:
+    while (alive(child) or alive(worker)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child) and not _alive(worker)
+    assert not alive(child) and not alive(worker)
     assert list(scratch.iterdir()) == []
 
 
@@ -310,9 +298,9 @@ def test_cancel_kills_the_child_and_its_workers(tmp_path: Path, monkeypatch, scr
     assert time.monotonic() - started < 60  # stopped at the flag, not at some timeout
     child, worker = map(int, pids.read_text().split())
     deadline = time.monotonic() + 10
-    while (_alive(child) or _alive(worker)) and time.monotonic() < deadline:
+    while (alive(child) or alive(worker)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child) and not _alive(worker)
+    assert not alive(child) and not alive(worker)
     assert list(scratch.iterdir()) == []
 
 

@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("totalsegmentator")
 pytest.importorskip("nnunetv2")
 
+from child_processes import alive, install_fake_child  # noqa: E402
 from tiny_nnunet import fabricate_model, fabricate_weights, labels_of  # noqa: E402
 from totalsegmentator import libs, python_api  # noqa: E402
 from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS  # noqa: E402
@@ -281,23 +282,8 @@ def test_child_refuses_downloads_and_network(tiny_weights: Path, tmp_path: Path,
 
 def _fake_child(tmp_path: Path, monkeypatch, body: str) -> None:
     """Replace the child module by ``body`` (run with the child's argv)."""
-    package = tmp_path / "fakechild"
-    package.mkdir()
-    (package / "fake_totalseg_child.py").write_text(textwrap.dedent(body))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setattr(totalseg, "CHILD_MODULE", "fake_totalseg_child")
+    install_fake_child(tmp_path, monkeypatch, totalseg, "fake_totalseg_child", body)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (not yet reaped by init) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_killed_child_is_reported_as_out_of_memory(tmp_path: Path, monkeypatch, scratch: Path) -> None:
@@ -346,9 +332,9 @@ def test_timeout_kills_the_child_and_its_workers(tmp_path: Path, monkeypatch, sc
     assert time.monotonic() - started < 30
     child, worker = map(int, pids.read_text().split())
     deadline = time.monotonic() + 10
-    while (_alive(child) or _alive(worker)) and time.monotonic() < deadline:
+    while (alive(child) or alive(worker)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child) and not _alive(worker)
+    assert not alive(child) and not alive(worker)
     assert list(scratch.iterdir()) == []
 
 
@@ -383,9 +369,9 @@ def test_child_ends_when_its_parent_is_killed(tmp_path: Path, monkeypatch, scrat
         parent.kill()
         parent.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while (_alive(child) or _alive(worker)) and time.monotonic() < deadline:
+        while (alive(child) or alive(worker)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(child) and not _alive(worker)
+        assert not alive(child) and not alive(worker)
     finally:
         parent.kill()
 
