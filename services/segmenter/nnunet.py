@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from .totalseg import (
     _usable_cpus,
     _version,
     _write_input,
+    child_failure,
     device_setting,
     read_child_labels,
     run_child,
@@ -355,22 +355,12 @@ def make_nnunet(spec: str, timeout_s: float | None = None, device: str | None = 
 
 
 def _failure(returncode: int, log: Path) -> SegmenterFailed:
-    tail = _tail(log)
-    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or "MemoryError" in tail or \
-            "out of memory" in tail.lower():
-        problem = ("nnU-Net ran out of memory" if "memory" in tail.lower() else
-                   "nnU-Net was killed (SIGKILL: most often the kernel's out-of-memory killer)")
-        return SegmenterFailed(f"{problem}; its last output:\n{tail}" if tail else problem,
-                               fix="give the worker more memory, or segment a smaller volume")
-    if returncode == 3:
-        return SegmenterFailed(f"nnU-Net tried to reach the network, refused: {tail}",
-                               fix="the model must run offline; check the trainer class it uses")
-    if returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        return SegmenterFailed(f"nnU-Net was stopped by signal {name}; its last output:\n{tail}",
-                               fix="run it again; if it recurs, check the worker's logs")
-    return SegmenterFailed(f"nnU-Net failed (exit code {returncode}); its last output:\n{tail}",
-                           fix="check the input volume and the model folder (its trainer class must be importable)")
+    return child_failure("nnU-Net", returncode, _tail(log),
+                         memory_fix="give the worker more memory, or segment a smaller volume",
+                         network_problem="tried to reach the network",
+                         network_fix="the model must run offline; check the trainer class it uses",
+                         failed_fix="check the input volume and the model folder "
+                                    "(its trainer class must be importable)")
 
 
 def run_nnunet(hu: np.ndarray, spacing_mm: tuple[float, float, float], affine: np.ndarray | None, *,

@@ -198,24 +198,32 @@ def _tail(log: Path) -> str:
     return "\n".join(lines[-LOG_TAIL:])
 
 
-def _failure(returncode: int, log: Path, mode: str) -> SegmenterFailed:
-    tail = _tail(log)
-    other = "totalsegmentator:fast (a 3 mm model, far less memory)" if mode == "total" else "a smaller volume"
+def child_failure(tool: str, returncode: int, tail: str, *, memory_fix: str, network_problem: str,
+                  network_fix: str, failed_fix: str) -> SegmenterFailed:
+    """What a segmentation child's exit means, for ``tool`` (TotalSegmentator, nnU-Net): killed or out of
+    memory, refused network access (exit code 3, the child's guard), stopped by a signal, or failed;
+    with the end of its output and the fix for each case."""
     if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) or "MemoryError" in tail or \
             "out of memory" in tail.lower():
-        problem = ("TotalSegmentator ran out of memory" if "memory" in tail.lower() else
-                   "TotalSegmentator was killed (SIGKILL: most often the kernel's out-of-memory killer)")
-        return SegmenterFailed(f"{problem}; its last output:\n{tail}" if tail else problem,
-                               fix=f"give the worker more memory, or use {other}")
+        problem = (f"{tool} ran out of memory" if "memory" in tail.lower() else
+                   f"{tool} was killed (SIGKILL: most often the kernel's out-of-memory killer)")
+        return SegmenterFailed(f"{problem}; its last output:\n{tail}" if tail else problem, fix=memory_fix)
     if returncode == 3:
-        return SegmenterFailed(f"TotalSegmentator tried to download weights or reach the network, refused: {tail}",
-                               fix="check the weights with `dosebench weights status`")
+        return SegmenterFailed(f"{tool} {network_problem}, refused: {tail}", fix=network_fix)
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        return SegmenterFailed(f"TotalSegmentator was stopped by signal {name}; its last output:\n{tail}",
+        return SegmenterFailed(f"{tool} was stopped by signal {name}; its last output:\n{tail}",
                                fix="run it again; if it recurs, check the worker's logs")
-    return SegmenterFailed(f"TotalSegmentator failed (exit code {returncode}); its last output:\n{tail}",
-                           fix="check the input volume and the weights (`dosebench weights status`)")
+    return SegmenterFailed(f"{tool} failed (exit code {returncode}); its last output:\n{tail}", fix=failed_fix)
+
+
+def _failure(returncode: int, log: Path, mode: str) -> SegmenterFailed:
+    other = "totalsegmentator:fast (a 3 mm model, far less memory)" if mode == "total" else "a smaller volume"
+    return child_failure("TotalSegmentator", returncode, _tail(log),
+                         memory_fix=f"give the worker more memory, or use {other}",
+                         network_problem="tried to download weights or reach the network",
+                         network_fix="check the weights with `dosebench weights status`",
+                         failed_fix="check the input volume and the weights (`dosebench weights status`)")
 
 
 def wait_for_child(process: subprocess.Popen, timeout_s: float | None,
