@@ -57,12 +57,7 @@ def _run(input_path: Path, doses: str, protocol: str, segmenter: str, seed: int,
                              segmenter=segmenter, seed=seed, out_dir=out, reference_seg=reference_seg,
                              series_uid=series, overwrite=overwrite)
         started = time.perf_counter()
-        if quiet:
-            result = run_study(request)
-        else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=err_console, transient=False) as bar:
-                result = run_study(request, RichProgress(bar))
+        result = _run_with_progress(run_study, request, quiet)
     except DosebenchError as exc:
         _fail(exc)
         return
@@ -81,6 +76,15 @@ RefOpt = Annotated[Path | None, typer.Option(help="reference segmentation (NIfTI
 SeriesOpt = Annotated[str | None, typer.Option(help="SeriesInstanceUID, when a DICOM folder holds several")]
 OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing output folder (only once the run succeeded)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display and no report on stdout")]
+
+
+def _run_with_progress(run, request, quiet: bool):
+    """``run(request)``, with a progress bar per stage on stderr unless ``quiet``."""
+    if quiet:
+        return run(request)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        return run(request, RichProgress(bar))
 
 
 @app.command()
@@ -115,12 +119,7 @@ def simulate(input: RawInputOpt, out: OutOpt, doses: DosesOpt = "0.2,0.4,0.6,0.8
         request = SimulateRequest(input_path=input, doses=parse_doses(doses), protocol=load_protocol(protocol),
                                   seed=seed, out_dir=out, series_uid=series, overwrite=overwrite)
         started = time.perf_counter()
-        if quiet:
-            folder = simulate_projections(request)
-        else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=err_console, transient=False) as bar:
-                folder = simulate_projections(request, RichProgress(bar))
+        folder = _run_with_progress(simulate_projections, request, quiet)
     except DosebenchError as exc:
         _fail(exc)
         return
