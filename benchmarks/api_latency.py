@@ -22,11 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import httpx
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+from benchmarks.scratch_database import scratch_database
 
 ADMIN_URL = os.environ.get("DOSEBENCH_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -117,53 +116,46 @@ def main() -> None:
     parser.add_argument("--list-repeats", type=int, default=200, help="polls per case of the list poll cost")
     args = parser.parse_args()
 
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"dosebench_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    server = None
-    try:
-        token, job_id = _seed(url, args.list_jobs)
-        port = _free_port()
-        storage = tempfile.mkdtemp(prefix="dosebench-bench-")
-        env = {**os.environ, "DOSEBENCH_DATABASE_URL": url, "DOSEBENCH_STORAGE_URL": f"file://{storage}",
-               "DOSEBENCH_BROKER_URL": "memory://"}
-        server = subprocess.Popen([sys.executable, "-m", "dosebench.cli", "serve", "--host", "127.0.0.1",
-                                   "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"],
-                                  env=env)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/healthz", timeout=2).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("dosebench serve did not come up")
-            time.sleep(0.2)
-        asyncio.run(_poll(base, token, job_id, min(100, args.requests), args.concurrency))  # warm-up
-        latencies, wall = asyncio.run(_poll(base, token, job_id, args.requests, args.concurrency))
-        ms = [v * 1000 for v in latencies]
-        print(f"GET /v1/jobs/{{id}} (a job of 5 doses: 17 stage rows), {args.requests} requests, {args.concurrency} "
-              f"concurrent pollers, {args.workers} API process(es), PostgreSQL, loopback:")
-        print(f"  p50 {_percentile(ms, 50):.1f} ms   p90 {_percentile(ms, 90):.1f} ms   "
-              f"p99 {_percentile(ms, 99):.1f} ms   max {max(ms):.1f} ms   mean {statistics.fmean(ms):.1f} ms")
-        print(f"  throughput {args.requests / wall:.0f} requests/s ({wall:.2f} s)")
-        print(f"GET /v1/jobs?stages=true (the dashboard's poll), {args.list_jobs} jobs, {args.list_repeats} sequential "
-              f"polls per case; load average {os.getloadavg()[0]:.1f}:")
-        _poll_cost(base, token, args.list_repeats)
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(ADMIN_URL) as (_, url):
+        server = None
+        try:
+            token, job_id = _seed(url, args.list_jobs)
+            port = _free_port()
+            storage = tempfile.mkdtemp(prefix="dosebench-bench-")
+            env = {**os.environ, "DOSEBENCH_DATABASE_URL": url, "DOSEBENCH_STORAGE_URL": f"file://{storage}",
+                   "DOSEBENCH_BROKER_URL": "memory://"}
+            server = subprocess.Popen([sys.executable, "-m", "dosebench.cli", "serve", "--host", "127.0.0.1",
+                                       "--port", str(port), "--workers", str(args.workers), "--log-level", "warning"],
+                                      env=env)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/v1/healthz", timeout=2).status_code in (200, 503):
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("dosebench serve did not come up")
+                time.sleep(0.2)
+            asyncio.run(_poll(base, token, job_id, min(100, args.requests), args.concurrency))  # warm-up
+            latencies, wall = asyncio.run(_poll(base, token, job_id, args.requests, args.concurrency))
+            ms = [v * 1000 for v in latencies]
+            print(f"GET /v1/jobs/{{id}} (a job of 5 doses: 17 stage rows), {args.requests} requests, {args.concurrency} "
+                  f"concurrent pollers, {args.workers} API process(es), PostgreSQL, loopback:")
+            print(f"  p50 {_percentile(ms, 50):.1f} ms   p90 {_percentile(ms, 90):.1f} ms   "
+                  f"p99 {_percentile(ms, 99):.1f} ms   max {max(ms):.1f} ms   mean {statistics.fmean(ms):.1f} ms")
+            print(f"  throughput {args.requests / wall:.0f} requests/s ({wall:.2f} s)")
+            print(f"GET /v1/jobs?stages=true (the dashboard's poll), {args.list_jobs} jobs, {args.list_repeats} sequential "
+                  f"polls per case; load average {os.getloadavg()[0]:.1f}:")
+            _poll_cost(base, token, args.list_repeats)
+        finally:
+            if server is not None:
+                server.terminate()
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
 
 
 if __name__ == "__main__":

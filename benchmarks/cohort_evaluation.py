@@ -17,14 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
+from benchmarks.scratch_database import scratch_database
 from dosebench.core import cohorts
 from dosebench.core.data import sample_ct
 from dosebench.core.db import RUNNING, session_factory, upgrade_database
@@ -69,60 +67,53 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
 
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"dosebench_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    database_url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    processes: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="dosebench-bench-") as scratch:
-        root = Path(scratch)
-        (root / "storage").mkdir()
-        values = {"DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "BROKER_KEY_PREFIX": f"{name}:",
-                  "STORAGE_URL": f"file://{root / 'storage'}", "EVALUATION_INTERVAL_S": "2"}
-        settings = Settings(**{k.lower(): v for k, v in values.items()})
-        env = dict(os.environ, **{f"DOSEBENCH_{k}": v for k, v in values.items()})
-        try:
-            upgrade_database(database_url)
-            from dosebench.core import celery_app
+    with scratch_database(POSTGRES_ADMIN_URL) as (name, database_url):
+        processes: list[subprocess.Popen] = []
+        with tempfile.TemporaryDirectory(prefix="dosebench-bench-") as scratch:
+            root = Path(scratch)
+            (root / "storage").mkdir()
+            values = {"DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "BROKER_KEY_PREFIX": f"{name}:",
+                      "STORAGE_URL": f"file://{root / 'storage'}", "EVALUATION_INTERVAL_S": "2"}
+            settings = Settings(**{k.lower(): v for k, v in values.items()})
+            env = dict(os.environ, **{f"DOSEBENCH_{k}": v for k, v in values.items()})
+            try:
+                upgrade_database(database_url)
+                from dosebench.core import celery_app
 
-            celery_app.configure(settings)
-            for command in (["worker", "--queues", "simulate,reconstruct,segment,evaluate", "--pool", "solo"],
-                            ["beat", "--schedule", str(root / "beat.schedule")]):
-                processes.append(subprocess.Popen([sys.executable, "-m", "dosebench.cli", *command], env=env,
-                                                  cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                  start_new_session=True))
-            enqueue = lambda job_id: celery_app.enqueue_ready(job_id, settings)  # noqa: E731
-            with session_factory(database_url)() as session:
-                ids = [cohorts.store_study(session, p, settings.storage_url, name=p.stem).id for p in _slabs(root)]
-                warm = cohorts.create_cohort(session, "warm-up", ids[:1])
-                cohort = cohorts.create_cohort(session, "three", ids)
-                run, _ = cohorts.start_run(session, warm, cohorts.EvaluationRequest(protocol="tiny", doses=(0.5,)),
-                                           enqueue)
-            _wait(settings, run.id, args.timeout)
-            load_before = os.getloadavg()
-            with session_factory(database_url)() as session:
-                request = cohorts.EvaluationRequest(protocol=args.protocol, doses=tuple(parse_doses(args.doses)))
-                run, _ = cohorts.start_run(session, cohort, request, enqueue)
-            seconds, run = _wait(settings, run.id, args.timeout)
-            load_after = os.getloadavg()
-            print(f"cohort of 3 studies ({', '.join(f'{k1 - k0} slices' for k0, k1 in SLABS)} of the bundled CT), "
-                  f"protocol {args.protocol}, doses {args.doses}: {seconds:.1f} s wall, run {run.state}, "
-                  f"{run.counts.get('succeeded')} of 3 succeeded; {os.cpu_count()} cores; "
-                  f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
-            print(f"Table 1 (all labels): {run.table1.get('full_dose', {}).get('all')}")
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(timeout=30)
-            from dosebench.core import celery_app
+                celery_app.configure(settings)
+                for command in (["worker", "--queues", "simulate,reconstruct,segment,evaluate", "--pool", "solo"],
+                                ["beat", "--schedule", str(root / "beat.schedule")]):
+                    processes.append(subprocess.Popen([sys.executable, "-m", "dosebench.cli", *command], env=env,
+                                                      cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                      start_new_session=True))
+                enqueue = lambda job_id: celery_app.enqueue_ready(job_id, settings)  # noqa: E731
+                with session_factory(database_url)() as session:
+                    ids = [cohorts.store_study(session, p, settings.storage_url, name=p.stem).id for p in _slabs(root)]
+                    warm = cohorts.create_cohort(session, "warm-up", ids[:1])
+                    cohort = cohorts.create_cohort(session, "three", ids)
+                    run, _ = cohorts.start_run(session, warm, cohorts.EvaluationRequest(protocol="tiny", doses=(0.5,)),
+                                               enqueue)
+                _wait(settings, run.id, args.timeout)
+                load_before = os.getloadavg()
+                with session_factory(database_url)() as session:
+                    request = cohorts.EvaluationRequest(protocol=args.protocol, doses=tuple(parse_doses(args.doses)))
+                    run, _ = cohorts.start_run(session, cohort, request, enqueue)
+                seconds, run = _wait(settings, run.id, args.timeout)
+                load_after = os.getloadavg()
+                print(f"cohort of 3 studies ({', '.join(f'{k1 - k0} slices' for k0, k1 in SLABS)} of the bundled CT), "
+                      f"protocol {args.protocol}, doses {args.doses}: {seconds:.1f} s wall, run {run.state}, "
+                      f"{run.counts.get('succeeded')} of 3 succeeded; {os.cpu_count()} cores; "
+                      f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+                print(f"Table 1 (all labels): {run.table1.get('full_dose', {}).get('all')}")
+            finally:
+                for process in processes:
+                    if process.poll() is None:
+                        os.killpg(process.pid, signal.SIGTERM)
+                        process.wait(timeout=30)
+                from dosebench.core import celery_app
 
-            celery_app.configure()
-            session_factory(database_url).kw["bind"].dispose()
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+                celery_app.configure()
+                session_factory(database_url).kw["bind"].dispose()
 
 
 if __name__ == "__main__":
